@@ -1,0 +1,74 @@
+"""`python -m architecture [--config FILE]`: parameter count by component and KV-cache size of a model config."""
+
+import argparse
+import sys
+
+import torch
+
+from . import DEFAULT_MODEL_CONFIG, ConfigError, Gemma3Model, ModelConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parameter_counts(model: Gemma3Model) -> dict[str, int]:
+    """Parameters per component; a tied output head counts once, under the embedding."""
+    counts = {"embedding": 0, "attention": 0, "feed-forward": 0, "norms": 0, "output head": 0}
+    for name, p in model.named_parameters():  # named_parameters yields a shared (tied) tensor once
+        if name.startswith("tok_emb"):
+            counts["embedding"] += p.numel()
+        elif name.startswith("lm_head"):
+            counts["output head"] += p.numel()
+        elif "norm" in name:
+            counts["norms"] += p.numel()
+        elif ".attn." in name:
+            counts["attention"] += p.numel()
+        else:
+            counts["feed-forward"] += p.numel()
+    return counts
+
+
+def kv_cache_bytes(config: ModelConfig, tokens: int, dtype_bytes: int) -> int:
+    """Bytes of keys and values cached for `tokens` tokens: sliding layers keep at most `sliding_window` entries."""
+    per_entry = 2 * config.n_kv_groups * config.head_dim * dtype_bytes
+    total = 0
+    for kind in config.layer_types:
+        total += per_entry * (min(tokens, config.sliding_window) if kind == "sliding_attention" else tokens)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=str(DEFAULT_MODEL_CONFIG), help="model config JSON")
+    args = parser.parse_args()
+    try:
+        config = ModelConfig.from_json(args.config)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    with torch.device("meta"):  # counts need shapes only, not 650 MB of random numbers
+        model = Gemma3Model(config)
+
+    counts = parameter_counts(model)
+    print(f"{args.config}: {config.n_layers} layers ({config.layer_types.count('full_attention')} full attention)")
+    for component, n in counts.items():
+        print(f"  {component:<14}{n:>15,}")
+    print(
+        f"  {'total':<14}{sum(counts.values()):>15,}"
+        + ("  (output head tied to embedding)" if config.tie_embeddings else "")
+    )
+
+    dtype_bytes = DTYPE_BYTES[config.dtype]
+    per_token = 2 * config.n_kv_groups * config.head_dim * dtype_bytes * config.n_layers
+    print(
+        f"KV cache in {config.dtype}: {per_token:,} bytes per token while all layers grow "
+        f"(sequences up to the {config.sliding_window}-token window)"
+    )
+    for tokens in (1024, 8192, config.context_length):
+        size = kv_cache_bytes(config, tokens, dtype_bytes)
+        print(
+            f"  {tokens:>6} tokens: {size / 2**20:9.1f} MiB with sliding-window ring buffers, "
+            f"{per_token * tokens / 2**20:9.1f} MiB without"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Model configuration: the `ModelConfig` dataclass, loaded from JSON and validated.
+
+Design choices:
+- One flat dataclass whose field names follow `config/model_config.json` (the seed's names), so the JSON a
+  user edits and the attributes the model reads are the same words.
+- Every key is checked: unknown keys stop with the closest valid key suggested, values are type-checked, and
+  each architectural rule names the field that breaks it. `ConfigError` carries that message.
+- `from_hf_dict` / `to_hf_dict` translate to and from a Hugging Face `Gemma3TextConfig` dict, so official
+  checkpoints load and trained models export without transformers at run time.
+- `load_dataclass` is the generic JSON -> dataclass step, shared with the training config.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names the field and the fix."""
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:  # JSON writes 1e4 and 10000 alike; an int is a fine float
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def load_dataclass(cls: type, values: dict[str, Any], source: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type.
+
+    `source` names where the values came from (a file path), for the error messages.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a JSON object of settings, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    has_source = "source" in hints  # a field the loader fills, never read from the file
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+    for key, value in values.items():
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return cls(**converted, source=source) if has_source else cls(**converted)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file, turning a missing file or bad syntax into a `ConfigError` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _default_layer_types() -> list[str]:
+    return (["sliding_attention"] * 5 + ["full_attention"]) * 3
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a Gemma 3 text model. Defaults are the 270M architecture with GPT-2's vocabulary."""
+
+    vocab_size: int = 50257
+    context_length: int = 32768  # longest sequence the model is meant to see (RoPE positions, KV cache)
+    emb_dim: int = 640
+    n_heads: int = 4
+    n_layers: int = 18
+    hidden_dim: int = 2048  # feed-forward width
+    head_dim: int = 256  # independent of emb_dim / n_heads, as in Gemma 3
+    qk_norm: bool = True
+    n_kv_groups: int = 1  # number of key/value heads: 1 is multi-query attention
+    query_pre_attn_scalar: float = 256.0  # attention scores are scaled by this ** -0.5
+    rope_local_base: float = 10_000.0  # RoPE base of sliding-window layers
+    rope_base: float = 1_000_000.0  # RoPE base of full-attention layers
+    sliding_window: int = 512  # a sliding layer's query sees itself and the 511 tokens before it
+    layer_types: list[str] = field(default_factory=_default_layer_types)
+    dtype: str = "bfloat16"  # dtype for inference and export; training keeps float32 parameters
+    tie_embeddings: bool = False  # the seed keeps a separate output head; official Gemma 3 ties it
+    rms_norm_eps: float = 1e-6
+    source: str = field(default="ModelConfig", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _fail(self, message: str) -> None:
+        raise ConfigError(f"{self.source}: {message}")
+
+    def validate(self) -> None:
+        """Check the architectural rules; the first broken one raises `ConfigError` naming its field."""
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "head_dim",
+                     "n_kv_groups", "query_pre_attn_scalar", "rope_local_base", "rope_base", "sliding_window",
+                     "rms_norm_eps"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                self._fail(f"'{name}' must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            self._fail(f"'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+        if self.n_heads % self.n_kv_groups:
+            self._fail(f"'n_heads' ({self.n_heads}) must be divisible by 'n_kv_groups' ({self.n_kv_groups})")
+        if self.sliding_window >= self.context_length:
+            self._fail(
+                f"'sliding_window' ({self.sliding_window}) must be smaller than 'context_length' "
+                f"({self.context_length})"
+            )
+        if len(self.layer_types) != self.n_layers:
+            self._fail(f"'layer_types' has {len(self.layer_types)} entries but 'n_layers' is {self.n_layers}")
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                self._fail(f"'layer_types'[{i}] is '{kind}'; each entry must be one of {', '.join(LAYER_TYPES)}")
+        if self.dtype not in DTYPES:
+            self._fail(f"'dtype' is '{self.dtype}'; use one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "ModelConfig":
+        return load_dataclass(cls, values, source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready settings (what `from_dict` reads back)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Translate a Hugging Face Gemma 3 text `config.json` dict.
+
+        Accepts both the transformers 4 spelling (`rope_theta`, `rope_local_base_freq`, `torch_dtype`) and the
+        transformers 5 one (`rope_parameters` per layer type, `dtype`). Features this model does not implement
+        (logit soft-capping, RoPE scaling, bidirectional attention, biases) stop with a message, not silently.
+        """
+        source = "Hugging Face config.json"
+        if hf.get("model_type") == "gemma3" or "text_config" in hf:
+            raise ConfigError(
+                f"{source}: this is a multimodal Gemma 3 checkpoint (model_type 'gemma3'); "
+                "only text checkpoints (model_type 'gemma3_text', e.g. google/gemma-3-270m) are supported"
+            )
+        unsupported = {
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+            "use_bidirectional_attention": False,
+            "attention_bias": False,
+            "rope_scaling": None,
+        }
+        for key, expected in unsupported.items():
+            if hf.get(key, expected) not in (expected, None):
+                raise ConfigError(f"{source}: '{key}' = {hf[key]!r} is not supported by this implementation")
+        if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ConfigError(
+                f"{source}: 'hidden_activation' must be gelu_pytorch_tanh, got {hf['hidden_activation']!r}"
+            )
+
+        rope = hf.get("rope_parameters") or {}
+        for kind, params in rope.items():
+            if params and params.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: RoPE type {params['rope_type']!r} for {kind} is not supported")
+        rope_base = (rope.get("full_attention") or {}).get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        rope_local_base = (rope.get("sliding_attention") or {}).get(
+            "rope_theta", hf.get("rope_local_base_freq", 10_000.0)
+        )
+        n_layers = hf["num_hidden_layers"]
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        layer_types = hf.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+        ]
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+        return cls(
+            vocab_size=hf["vocab_size"],
+            context_length=hf["max_position_embeddings"],
+            emb_dim=hf["hidden_size"],
+            n_heads=hf["num_attention_heads"],
+            n_layers=n_layers,
+            hidden_dim=hf["intermediate_size"],
+            head_dim=hf.get("head_dim", 256),
+            qk_norm=True,
+            n_kv_groups=hf["num_key_value_heads"],
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            rope_local_base=float(rope_local_base),
+            rope_base=float(rope_base),
+            sliding_window=hf["sliding_window"],
+            layer_types=list(layer_types),
+            dtype=dtype if dtype in DTYPES else "bfloat16",
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            source=source,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The equivalent Hugging Face `Gemma3TextConfig` dict (transformers 5 spelling)."""
+        if not self.qk_norm:
+            raise ConfigError(f"{self.source}: a model without qk_norm has no Hugging Face Gemma 3 equivalent")
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.context_length,
+            "hidden_size": self.emb_dim,
+            "num_attention_heads": self.n_heads,
+            "num_hidden_layers": self.n_layers,
+            "intermediate_size": self.hidden_dim,
+            "head_dim": self.head_dim,
+            "num_key_value_heads": self.n_kv_groups,
+            # transformers types this field as int (256 for every released Gemma 3)
+            "query_pre_attn_scalar": int(self.query_pre_attn_scalar)
+            if float(self.query_pre_attn_scalar).is_integer()
+            else self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": self.rope_base},
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base},
+            },
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+            "dtype": self.dtype,
+        }

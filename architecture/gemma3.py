@@ -1,0 +1,220 @@
+"""The Gemma 3 text model, numerically equal to transformers' `Gemma3ForCausalLM` given the same weights.
+
+Design choices:
+- Each block is pre- and post-normed around both attention and feed-forward (four RMSNorms), and every RMSNorm
+  is Gemma's: computed in float32 and scaled by (1 + weight), so a zero weight is the identity.
+- Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads
+  (`enable_gqa`, so keys and values are never copied per head). Queries and keys are RMS-normed per head,
+  then rotated with RoPE whose base depends on the layer type (local for sliding, global for full layers).
+- Masks: a sequence no longer than the sliding window needs none (every causal key is inside the window), so all
+  layers take SDPA's causal path. A longer one builds the sliding-window mask once per forward, as a boolean
+  T x T tensor shared by all sliding layers; full layers keep the causal path.
+- cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
+  stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
+- Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this id (padding) do not count in the loss, as in F.cross_entropy
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Gemma multiplies by (1 + w) before casting back, unlike Llama which casts first.
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos and sin of shape (T, head_dim) for absolute `positions`, in the half-split layout of transformers."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T, T) mask, True where query i may attend key j: j <= i and j > i - window (transformers' rule)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_groups, config.head_dim
+        self.q_proj = nn.Linear(config.emb_dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.emb_dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.emb_dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.emb_dim, bias=False)
+        norm = (lambda: RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.scale = config.query_pre_attn_scalar**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.emb_dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.emb_dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.input_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
+        self.pre_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+        self.post_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask))
+        return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
+
+
+class Gemma3Model(nn.Module):
+    """Gemma 3 text model: `logits, loss = model(idx, targets)`; `model.generate(prompt, max_new_tokens, ...)`."""
+
+    def __init__(self, config: ModelConfig | dict):
+        super().__init__()
+        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+        cfg = self.config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.blocks = nn.ModuleList(Block(cfg, layer_type) for layer_type in cfg.layer_types)
+        self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # transformers' Gemma 3 init: N(0, 0.02) for every matrix; RMSNorm weights stay zero, i.e. scale 1.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_hf(cls, path: str, device: str | torch.device = "cpu") -> "Gemma3Model":
+        """Build a model from a local Hugging Face Gemma 3 text checkpoint directory (safetensors only)."""
+        from .hf_weights import load_weights_into, read_hf_config
+
+        model = cls(ModelConfig.from_hf_dict(read_hf_config(path))).to(device)
+        load_weights_into(model, path)
+        return model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets != IGNORE_INDEX."""
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {cfg.context_length}")
+        x = self.tok_emb(idx)
+        # transformers rounds the scale to the activation dtype (sqrt(640) becomes 25.25 in bfloat16); so do we.
+        x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype)
+
+        positions = torch.arange(T, device=idx.device)
+        rope = {
+            "sliding_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, x.dtype),
+            "full_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_base, x.dtype),
+        }
+        sliding = sliding_window_mask(T, cfg.sliding_window, idx.device) if T > cfg.sliding_window else None
+        masks = {"sliding_attention": sliding, "full_attention": None}
+        for block in self.blocks:
+            x = block(x, *rope[block.layer_type], masks[block.layer_type])
+        logits = self.lm_head(self.final_norm(x))
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T), recomputing the window each step."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.context_length :])
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token id per row of `logits` (B, vocab): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)

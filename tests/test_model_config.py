@@ -1,0 +1,73 @@
+"""ModelConfig: the shipped JSON, and one test per validation rule, each naming its field."""
+
+import json
+
+import pytest
+
+from architecture import DEFAULT_MODEL_CONFIG, ConfigError, ModelConfig, model_config
+
+SEED_VALUES = {
+    "vocab_size": 50257, "context_length": 32768, "emb_dim": 640, "n_heads": 4, "n_layers": 18, "hidden_dim": 2048,
+    "head_dim": 256, "qk_norm": True, "n_kv_groups": 1, "query_pre_attn_scalar": 256, "rope_local_base": 10000,
+    "rope_base": 1000000, "sliding_window": 512, "dtype": "bfloat16", "tie_embeddings": False,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+}  # fmt: skip
+
+
+def test_shipped_json_holds_the_seed_values():
+    on_disk = json.loads(DEFAULT_MODEL_CONFIG.read_text())
+    assert on_disk == SEED_VALUES
+    assert model_config == ModelConfig()  # the dataclass defaults are the same architecture
+
+
+def config_file(tmp_path, **changes):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SEED_VALUES, **changes}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"layer_types": ["full_attention"] * 17}, r"'layer_types' has 17 entries but 'n_layers' is 18"),
+        ({"layer_types": ["sliding_attention"] * 17 + ["global"]}, r"'layer_types'\[17\] is 'global'"),
+        ({"n_kv_groups": 3}, r"'n_heads' \(4\) must be divisible by 'n_kv_groups' \(3\)"),
+        ({"sliding_window": 32768}, r"'sliding_window' \(32768\) must be smaller than 'context_length'"),
+        ({"emb_dim": 0}, r"'emb_dim' must be positive"),
+        ({"n_heads": -4}, r"'n_heads' must be positive"),
+        ({"head_dim": 255}, r"'head_dim' must be even"),
+        ({"dtype": "bf16"}, r"'dtype' is 'bf16'; use one of float32, bfloat16, float16"),
+        ({"n_layers": 18.5}, r"'n_layers' must be int, got 18.5"),
+        ({"qk_norm": "yes"}, r"'qk_norm' must be bool"),
+        ({"vocab_size": True}, r"'vocab_size' must be int"),
+    ],
+)
+def test_invalid_value_is_named(tmp_path, changes, message):
+    path = config_file(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message) as error:
+        ModelConfig.from_json(path)
+    assert str(path) in str(error.value)
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'n_kv_group'; did you mean 'n_kv_groups'\?"):
+        ModelConfig.from_json(config_file(tmp_path, n_kv_group=1))
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz'; valid keys: vocab_size, "):
+        ModelConfig.from_json(config_file(tmp_path, zzz=1))
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        ModelConfig.from_json(tmp_path / "absent.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"emb_dim": 640,}')
+    with pytest.raises(ConfigError, match=r"not valid JSON .* line 1"):
+        ModelConfig.from_json(broken)
+
+
+def test_omitted_keys_take_defaults_and_floats_accept_ints(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"n_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}))
+    config = ModelConfig.from_json(path)
+    assert config.n_layers == 2 and config.emb_dim == 640
+    assert isinstance(config.rope_base, float)
