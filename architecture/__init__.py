@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import ConfigError, ModelConfig
 from .gemma3 import IGNORE_INDEX, Gemma3Model, sample_next_token
 from .hf_weights import WeightsError, load_weights_into
+from .kv_cache import KVCache
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "config" / "model_config.json"
 
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL_CONFIG",
     "Gemma3Model",
     "IGNORE_INDEX",
+    "KVCache",
     "ModelConfig",
     "WeightsError",
     "load_weights_into",

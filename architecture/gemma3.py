@@ -12,15 +12,21 @@ Design choices:
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
   stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
 - Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
+- Generation prefills the prompt in one forward and then decodes one token per forward against a `KVCache`
+  (see kv_cache.py). Passing no cache keeps the training forward exactly as it was. Past context_length the
+  cache cannot slide (RoPE positions are absolute), so each further step re-prefills the last context_length
+  tokens: the same tokens the uncached path would see.
 """
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kv_cache import KVCache
 
 IGNORE_INDEX = -100  # targets with this id (padding) do not count in the loss, as in F.cross_entropy
 
@@ -71,17 +77,20 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
+        if cache is not None:
+            y = cache.attend(layer, q, k, v, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # fmt: skip
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -109,8 +118,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.post_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask))
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache, layer))
         return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
 
 
@@ -144,8 +153,21 @@ class Gemma3Model(nn.Module):
         load_weights_into(model, path)
         return model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets != IGNORE_INDEX."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets != IGNORE_INDEX.
+
+        With a `cache`, `idx` continues the cached sequence (its positions start at `cache.pos`) and is cached.
+        """
+        logits = self.lm_head(self.final_norm(self._hidden(idx, cache)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Output of the last block, before the final norm."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.context_length:
@@ -154,23 +176,54 @@ class Gemma3Model(nn.Module):
         # transformers rounds the scale to the activation dtype (sqrt(640) becomes 25.25 in bfloat16); so do we.
         x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype)
 
-        positions = torch.arange(T, device=idx.device)
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
         rope = {
             "sliding_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, x.dtype),
             "full_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_base, x.dtype),
         }
-        sliding = sliding_window_mask(T, cfg.sliding_window, idx.device) if T > cfg.sliding_window else None
+        # With a cache, the cache builds its own masks from absolute positions.
+        long_uncached = cache is None and T > cfg.sliding_window
+        sliding = sliding_window_mask(T, cfg.sliding_window, idx.device) if long_uncached else None
         masks = {"sliding_attention": sliding, "full_attention": None}
-        for block in self.blocks:
-            x = block(x, *rope[block.layer_type], masks[block.layer_type])
-        logits = self.lm_head(self.final_norm(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
+        return x
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and in its dtype (max_len defaults to context_length)."""
+        weight = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B, 1), `max_new_tokens` times, continuing the prompts `idx` (B, T).
+
+        All rows share the prompt length. `use_cache=False` recomputes the whole (cropped) sequence each step.
+        """
+        C = self.config.context_length
+        cache = self.make_cache(idx.size(0), min(C, idx.size(1) + max_new_tokens)) if use_cache else None
+        context = idx[:, -C:]
+        for _ in range(max_new_tokens):
+            if cache is None:
+                hidden = self._hidden(idx[:, -C:], None)
+            elif cache.pos + context.size(1) > cache.max_len:  # past context_length: re-prefill the last C
+                cache.reset()
+                hidden = self._hidden(idx[:, -C:], cache)
+            else:
+                hidden = self._hidden(context, cache)
+            logits = self.lm_head(self.final_norm(hidden[:, -1]))  # only the last position is needed
+            context = sample_next_token(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, context), dim=1)
+            yield context
 
     @torch.no_grad()
     def generate(
@@ -181,13 +234,11 @@ class Gemma3Model(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T), recomputing the window each step."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.context_length :])
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+        """`idx` (B, T) with `max_new_tokens` sampled tokens appended: one prefill, then cached decode steps."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat((idx, *new), dim=1)
 
 
 def sample_next_token(

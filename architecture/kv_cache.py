@@ -1,0 +1,117 @@
+"""Static key/value cache for generation: full-attention layers grow up to `max_len`, sliding layers use rings.
+
+Design choices:
+- Buffers are preallocated once per generation (gpt-fast style), shaped (B, n_kv, slots, head_dim); nothing is
+  allocated while decoding and the training forward never creates a cache, so training pays nothing.
+- Full-attention layers write token p at slot p and attend over slots [0, end): slicing to the filled length keeps
+  a short generation cheap even with a 32k-slot buffer.
+- Sliding-window layers keep a ring of min(sliding_window, max_len) slots; token p goes to slot p % ring, so their
+  memory is constant however long the sequence. `slot_pos` records the absolute position held in each slot (-1:
+  empty), and masks are built from positions, never from slot order. RoPE is applied before caching, at absolute
+  positions, so keys stay valid wherever they sit in the ring.
+- All bookkeeping for one forward (positions, masks, ring slots) happens once in `begin`, shared by every layer,
+  as the uncached forward shares its sliding mask.
+- A chunk of several tokens (prefill) attends over [old ring entries, its own keys] with the sliding rule, then
+  only its last `ring` keys are written: a prompt longer than the window sees the normal sliding mask, and the ring
+  holds exactly the keys later tokens can still see. A single token (decode) is written first, then attends over
+  the ring in place, with no mask once the ring is full.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences of at most `max_len` tokens."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        max_len = config.context_length if max_len is None else max_len
+        if not 0 < max_len <= config.context_length:
+            raise ValueError(f"max_len must be in [1, context_length={config.context_length}], got {max_len}")
+        self.max_len, self.window = max_len, config.sliding_window
+        self.ring = min(config.sliding_window, max_len)
+        self.sliding = [kind == "sliding_attention" for kind in config.layer_types]
+        self.keys, self.values = [], []
+        for sliding in self.sliding:
+            shape = (batch_size, config.n_kv_groups, self.ring if sliding else max_len, config.head_dim)
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.slot_pos = torch.full((self.ring,), -1, device=device, dtype=torch.long)
+        self.pos = 0  # tokens cached so far; the next token's absolute position
+
+    def reset(self) -> None:
+        """Forget every cached token (buffers are kept; stale entries are masked by `slot_pos`)."""
+        self.pos = 0
+        self.slot_pos.fill_(-1)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (keys, values and slot positions)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.slot_pos))
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Reserve positions for the next `T` tokens; return them (absolute, for RoPE) and prepare the masks."""
+        start, end = self.pos, self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {T} after {start}")
+        device = self.slot_pos.device
+        positions = torch.arange(start, end, device=device)
+        self.start, self.end = start, end
+
+        # Full layers: a lone token sees every cached key; a chunk from position 0 is plain causal; a later chunk
+        # needs an explicit mask because SDPA's is_causal aligns to the top-left corner.
+        self.full_causal = T > 1 and start == 0
+        self.full_mask = None
+        if T > 1 and start > 0:
+            self.full_mask = torch.arange(end, device=device)[None, :] <= positions[:, None]
+
+        # Sliding layers: key positions in attention order, then the ring update.
+        n_written = min(T, self.ring)
+        written = positions[T - n_written :]
+        if T == 1:
+            self.slot_pos[start % self.ring] = start
+            key_pos = self.slot_pos
+        else:
+            key_pos = torch.cat((self.slot_pos, positions))
+            self.slot_pos[written % self.ring] = written
+        self.write_slots, self.n_written = written % self.ring, n_written
+        if T == 1 and end >= self.ring:
+            self.sliding_mask = None  # a full ring holds exactly the window
+        else:
+            q = positions[:, None]
+            self.sliding_mask = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
+        self.pos = end
+        return positions
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store this forward's `k`, `v` (B, n_kv, T, hd) for `layer` and attend queries `q` over the cache."""
+        k_cache, v_cache = self.keys[layer], self.values[layer]
+        gqa = q.size(1) != k.size(1)
+        if not self.sliding[layer]:
+            k_cache[:, :, self.start : self.end] = k
+            v_cache[:, :, self.start : self.end] = v
+            keys, values = k_cache[:, :, : self.end], v_cache[:, :, : self.end]
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=self.full_mask, is_causal=self.full_causal, scale=scale, enable_gqa=gqa
+            )
+        if k.size(2) == 1:
+            slot = self.start % self.ring
+            k_cache[:, :, slot : slot + 1] = k
+            v_cache[:, :, slot : slot + 1] = v
+            keys, values = k_cache, v_cache
+        else:
+            # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
+            keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
+            k_cache[:, :, self.write_slots] = k[:, :, -self.n_written :]
+            v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa
+        )  # fmt: skip

@@ -1,0 +1,173 @@
+"""Generation speed and KV-cache memory: prefill and decode tokens/s with the cache, decode without it, INT8.
+
+    python benchmarks/bench_generate.py                        # CPU: a small config, float32
+    python benchmarks/bench_generate.py --device cuda          # GPU: the seed config (270M), bfloat16
+    python benchmarks/bench_generate.py --ckpt checkpoints/run --int8-eval data/<name>   # INT8 perplexity change
+
+Design choices:
+- Batch 1, greedy decoding, random weights: speed depends on shapes, not on what the weights say. Each timing is
+  taken after one warm-up run; CUDA is synchronised before the clock is read.
+- Decode speed is timed from the first new token on, so it excludes the prefill, which is timed on its own.
+- Cache memory is measured on the `KVCache` object itself (allocated on the meta device, so 32k tokens cost
+  nothing), for the seed config in bfloat16, against a cache that keeps every token in every layer.
+- `--int8-eval` compares the val-set loss of a checkpoint with float and INT8 weights on the same batches.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere in the repo
+
+from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig  # noqa: E402
+from architecture.int8 import block_linear_bytes, quantize_int8  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
+SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
+             query_pre_attn_scalar=64, sliding_window=128, context_length=2048,
+             layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_prefill(model: Gemma3Model, prompt: torch.Tensor) -> float:
+    """Seconds to prefill `prompt` into a fresh cache (best of 3)."""
+    best = math.inf
+    for _ in range(3):
+        cache = model.make_cache(prompt.size(0), prompt.size(1))
+        sync(prompt.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(prompt, cache=cache)
+        sync(prompt.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
+    """Tokens per second after the first new token (so the prefill is not counted)."""
+    stream = model.generate_stream(prompt, new_tokens, temperature=0, use_cache=use_cache)
+    next(stream)
+    sync(prompt.device)
+    start = time.perf_counter()
+    for _ in stream:
+        pass
+    sync(prompt.device)
+    return (new_tokens - 1) / (time.perf_counter() - start)
+
+
+def cache_memory_report(config: ModelConfig) -> None:
+    entry = 2 * config.n_kv_groups * config.head_dim * 2  # key + value, bfloat16
+    n_full = config.layer_types.count("full_attention")
+    n_sliding = config.n_layers - n_full
+    print(f"KV cache, seed config in bfloat16 ({n_full} full + {n_sliding} sliding layers, batch 1):")
+    for tokens in (1024, 8192, 32768):
+        cache = KVCache(config, 1, min(tokens, config.context_length), "meta", torch.bfloat16)
+        ideal = entry * (n_full * tokens + n_sliding * min(tokens, config.sliding_window))
+        no_ring = entry * config.n_layers * tokens
+        print(
+            f"  {tokens:>6} tokens: {cache.nbytes() / 2**20:8.2f} MiB with rings ({cache.nbytes() / ideal:.4f}x "
+            f"ideal), {no_ring / 2**20:8.2f} MiB without ({no_ring / cache.nbytes():.1f}x more)"
+        )
+
+
+def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    if args.config:
+        config = ModelConfig.from_json(args.config)
+    elif device.type == "cuda":
+        config = ModelConfig.from_json(DEFAULT_MODEL_CONFIG)
+    else:
+        config = ModelConfig(**SMALL)
+    torch.manual_seed(0)
+    model = Gemma3Model(config).eval().to(device=device, dtype=dtype)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
+    name = args.config or ("seed config" if device.type == "cuda" else "small config")
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{name}: {params / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    print(f"  prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1, greedy")
+
+    decode_rate(model, prompt, 8, use_cache=True)  # warm-up
+    prefill = time_prefill(model, prompt)
+    print(f"  prefill:               {args.prompt_len / prefill:10.1f} tokens/s")
+    cached = decode_rate(model, prompt, args.new_tokens, use_cache=True)
+    print(f"  decode with cache:     {cached:10.1f} tokens/s")
+    if not args.skip_recompute:
+        recomputed = decode_rate(model, prompt, args.new_tokens, use_cache=False)
+        print(f"  decode, recomputation: {recomputed:10.1f} tokens/s  (cache is {cached / recomputed:.1f}x faster)")
+    if args.int8:
+        sizes = block_linear_bytes(quantize_int8(model))
+        int8 = decode_rate(model, prompt, args.new_tokens, use_cache=True)
+        print(f"  decode with cache, int8 weights: {int8:10.1f} tokens/s")
+        print(
+            f"  block Linear weights: int8 {sizes['stored'] / 2**20:.1f} MiB, bfloat16 "
+            f"{sizes['bfloat16'] / 2**20:.1f} MiB ({sizes['bfloat16'] / sizes['stored']:.2f}x), float32 "
+            f"{sizes['float32'] / 2**20:.1f} MiB ({sizes['float32'] / sizes['stored']:.2f}x)"
+        )
+
+
+def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
+    """Val loss and perplexity of a checkpoint with float32 and with INT8 block weights, on identical batches."""
+    from data.loader import BatchLoader
+    from sample import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(args.ckpt)
+    model.eval().to(device)
+    block = min(args.block_size, model.config.context_length)
+    losses = {}
+    for label in ("float32", "int8"):
+        if label == "int8":
+            quantize_int8(model)
+        loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0)
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(args.eval_batches):
+                x, y = loader.next_batch()
+                total += model(x, y)[1].item()
+        losses[label] = total / args.eval_batches
+        print(f"  {label:>7}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f}")
+    change = math.exp(losses["int8"] - losses["float32"]) - 1
+    print(f"  int8 perplexity change: {100 * change:+.2f}%  ({args.eval_batches} batches of {args.batch_size}x{block})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--config", help="model config JSON (default: small on the CPU, the seed config on CUDA)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--skip-recompute", action="store_true", help="skip the slow decode without cache")
+    parser.add_argument("--int8", action="store_true", help="also time decoding with int8 weights")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--ckpt", help="checkpoint for --int8-eval")
+    parser.add_argument("--int8-eval", metavar="DATA_DIR", help="prepared dataset dir: val perplexity float vs int8")
+    parser.add_argument("--eval-batches", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=512)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.int8_eval:
+        if not args.ckpt:
+            parser.error("--int8-eval needs --ckpt")
+        int8_eval(args, device)
+        return
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    speed_report(args, device, dtype)
+    cache_memory_report(ModelConfig.from_json(DEFAULT_MODEL_CONFIG))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Random (x, y) batches of block_size tokens from a prepared dataset's memory-mapped token file.
+
+Design choices:
+- Random windows at uniform offsets, as in nanoGPT: no epochs or shuffling state, so the whole
+  state of the stream is one `torch.Generator`, and `state_dict()` resumes it exactly.
+- The generator lives on the CPU, so a seed gives the same stream on every device.
+- Under DDP every rank runs the same generator, draws world_size * batch_size offsets per step
+  and keeps its own slice: ranks see distinct windows, and one rank's `state_dict()` (the one a
+  checkpoint holds) resumes every rank exactly.
+- Everything that can be wrong with the files is checked in `__init__` with a message that says
+  the fix (prepare command, vocab size, split length), except the token ids themselves: scanning
+  a multi-GB file at every open would cost minutes, so each batch's ids are checked instead,
+  which costs microseconds and covers exactly the data the model sees.
+- On CUDA, batches are copied from pinned memory with non_blocking=True, so the copy overlaps
+  the previous step's compute.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import DataError
+from data.meta import read_meta
+
+__all__ = ["BatchLoader", "read_meta"]
+
+
+class BatchLoader:
+    """Samples `(x, y)` int64 batches of shape (batch_size, block_size); y is x shifted by one."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        vocab_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.path = Path(data_dir) / f"{split}.bin"
+        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.device = torch.device(device)
+        meta = read_meta(data_dir)
+        if vocab_size is not None and meta["vocab_size"] > vocab_size:
+            raise DataError(
+                f"{data_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "
+                f"model's vocab_size is {vocab_size}; use a matching tokenizer or model config"
+            )
+        # Ids must fit the model's embedding; the tokenizer's own range is the tighter bound.
+        self.vocab_size = min(meta["vocab_size"], vocab_size or meta["vocab_size"])
+        self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        size = self.path.stat().st_size if self.path.is_file() else -1
+        expected = meta[f"{split}_tokens"] * self.dtype.itemsize
+        if size != expected:
+            raise DataError(f"{self.path} has {size} bytes, meta.json says {expected}; rebuild with --force")
+        self.num_tokens = meta[f"{split}_tokens"]
+        if self.num_tokens < block_size + 1:
+            raise DataError(
+                f"{self.path} has {self.num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                "use a smaller block_size or a larger dataset / --val-fraction"
+            )
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) pair, int64 of shape (batch_size, block_size), on the loader's device."""
+        size = (self.world_size, self.batch_size)
+        starts = torch.randint(self.num_tokens - self.block_size, size, generator=self.generator)[self.rank]
+        # A fresh memmap per batch: a long-lived one keeps every page it touched mapped, and the
+        # process's resident memory grows towards the file size (nanoGPT does the same).
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        windows = np.stack([data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        del data
+        if windows.max() >= self.vocab_size:
+            raise DataError(f"{self.path} holds token id {windows.max()} >= vocab_size {self.vocab_size}; rebuild it")
+        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
+        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
+        self.batches += 1
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        """Position in the random stream; tensors, ints and strs only (torch.load weights_only=True)."""
+        return {
+            "generator": self.generator.get_state(),
+            "seed": self.seed,
+            "split": self.split,
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the stream where `state_dict()` was taken."""
+        if state["split"] != self.split:
+            raise ValueError(f"state is for the {state['split']!r} split, this loader reads {self.split!r}")
+        self.generator.set_state(state["generator"])
+        self.seed, self.batches = state["seed"], state["batches"]

@@ -1,0 +1,52 @@
+"""meta.json: the description of a prepared dataset, and the marker that it is complete.
+
+Design choices:
+- meta.json is written last, atomically (temporary name, then rename), so its presence means
+  train.bin and val.bin are complete; a dataset directory without it is not prepared.
+- Token files are raw little-endian arrays with no header, readable by `numpy.memmap`; the
+  dtype is the smallest unsigned type that holds every id (uint16 for GPT-2's 50,257 ids).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import DataError
+
+REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The on-disk dtype for token ids in [0, vocab_size)."""
+    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """Read and check `data_dir/meta.json`; raise DataError with the fix when it is missing."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        what = "is incomplete (no meta.json)" if any(data_dir.glob("*.bin*")) else "is not prepared"
+        raise DataError(
+            f"dataset {data_dir} {what}; run: python data/prepare.py SOURCE --name {data_dir.name}"
+            f" (SOURCE: tinystories, pydocs, pystdlib, a Hugging Face id or local files)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}); rebuild with --force") from e
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; rebuild with --force")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path} has dtype {meta['dtype']!r}, expected uint16 or uint32")
+    return meta
+
+
+def write_meta(data_dir: Path, meta: dict) -> None:
+    """Write meta.json atomically: a reader sees the old file, no file, or the whole new one."""
+    tmp = data_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, data_dir / "meta.json")

@@ -1,0 +1,276 @@
+"""Tokenize a text source into data/<name>/{train.bin,val.bin,meta.json}.
+
+    python data/prepare.py [SOURCE] [--name NAME] [--num-proc N] [--val-fraction F] [--force]
+
+SOURCE: tinystories (default), pydocs, pystdlib, a Hugging Face dataset id, or local .txt/.jsonl
+files, globs or folders. Also usable as a library: `prepare(...)`, `ensure_prepared(...)`.
+
+Design choices:
+- Every document is followed by `<|endoftext|>`; token files are raw uint16 arrays (uint32 if a
+  tokenizer ever needs more ids) that `numpy.memmap` reads with no header.
+- Worker processes tokenize batches of about BATCH_CHARS characters; the parent writes their
+  results to disk in order as they arrive. At most a few batches per worker are in flight, so
+  memory stays bounded for corpora larger than RAM (Pool.imap would read its whole input ahead).
+- A source without its own val split holds out documents drawn from a seeded random stream
+  consumed in document order, so the split does not depend on --num-proc or batch size.
+- Crash safety: tokens go to `*.tmp` files renamed when complete, and meta.json, written last and
+  atomically, marks a complete dataset. A rebuild deletes the old files first, so an interrupted
+  run never leaves files that look valid.
+- Re-running is a no-op when meta.json records the same source description and tokenizer; an
+  exclusive lock on the dataset directory makes concurrent callers (e.g. DDP ranks) wait for
+  one build and then see it done.
+- Workers are forked where the OS can: they inherit the loaded tokenizer, and unlike spawn they
+  never re-run the caller's script (a nanoGPT-style train.py has no `__main__` guard). They
+  only run tiktoken, so forking a training process that already uses CUDA is safe.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # `python data/prepare.py` puts data/ rather than the repo root on sys.path; swap them so
+    # `import data.…` works and data/'s modules cannot shadow top-level ones.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import fcntl
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from data import sources
+from data.errors import DataError
+from data.meta import read_meta, token_dtype, write_meta
+from data.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from data.tokenizer import NAME as TOKENIZER
+
+DATA_ROOT = Path(__file__).resolve().parent
+KNOWN = ("tinystories", "pydocs", "pystdlib")
+BATCH_CHARS = 1 << 17
+DTYPE = token_dtype(VOCAB_SIZE)
+
+
+def tokenize_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token arrays (train, val) for (text, is_val) documents, each followed by `<|endoftext|>`."""
+    enc = get_tokenizer()
+    ids: tuple[list[int], list[int]] = ([], [])
+    for text, is_val in batch:
+        # One encode per document on one thread: encode_ordinary_batch would start its own
+        # threads inside every worker and oversubscribe the cores.
+        ids[is_val].extend(enc.encode_ordinary(text))
+        ids[is_val].append(EOT_ID)
+    return np.array(ids[0], dtype=DTYPE), np.array(ids[1], dtype=DTYPE)
+
+
+def _batches(source: sources.Source, val_fraction: float, seed: int) -> Iterator[list[tuple[str, bool]]]:
+    rng = np.random.default_rng(seed)
+    batch, chars = [], 0
+    for text, split in source.documents():
+        if not text:
+            continue
+        batch.append((text, split == "val" if split else rng.random() < val_fraction))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_stream(batches: Iterator[list], num_proc: int) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+    """(documents, tokens) per batch, in input order, with at most 8 * num_proc batches in flight."""
+    if num_proc == 1:
+        for batch in batches:
+            yield len(batch), tokenize_batch(batch)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(num_proc) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((len(batch), pool.apply_async(tokenize_batch, (batch,))))
+            # A deep queue keeps every worker busy while the oldest, possibly largest, batch finishes.
+            if len(pending) >= 8 * num_proc:
+                n, result = pending.popleft()
+                yield n, result.get()
+        while pending:
+            n, result = pending.popleft()
+            yield n, result.get()
+
+
+def _is_current(out_dir: Path, description: dict) -> bool:
+    try:
+        meta = read_meta(out_dir)
+    except DataError:
+        return False
+    if meta["source"] != description or meta["tokenizer"] != TOKENIZER:
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return all(
+        (out_dir / f"{split}.bin").is_file()
+        and (out_dir / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
+        for split in ("train", "val")
+    )
+
+
+def prepare(
+    source: str = "tinystories",
+    name: str | None = None,
+    *,
+    data_root: str | Path = DATA_ROOT,
+    num_proc: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 1337,
+    text_field: str = "text",
+    split: str = "train",
+    val_split: str | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Tokenize source into `data_root/name/` and return that directory; a no-op when up to date."""
+    name = name or sources.default_name(source)
+    if not name or name != Path(name).name or name.startswith("."):
+        raise DataError(f"invalid dataset name {name!r}: use a plain directory name")
+    src = sources.resolve(source, text_field, split, val_split, config, streaming)
+    description = dict(src.description)
+    has_val = description.get("val_split") is not None
+    if not has_val:
+        val_fraction = src.default_val_fraction if val_fraction is None else val_fraction
+        if not 0 < val_fraction < 1:
+            raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        description |= {"val_fraction": val_fraction, "split_seed": seed}
+    out_dir = Path(data_root) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _is_current(out_dir, description):
+            print(f"{out_dir} is already prepared from this source; nothing to do (--force rebuilds)")
+            return out_dir
+        _build(src, description, out_dir, num_proc or os.cpu_count() or 1, val_fraction or 0.0, seed, progress)
+    return out_dir
+
+
+def _build(
+    src: sources.Source, description: dict, out_dir: Path, num_proc: int, val_fraction: float, seed: int, progress: bool
+) -> None:
+    # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
+    for f in ("meta.json", "train.bin", "val.bin"):
+        (out_dir / f).unlink(missing_ok=True)
+    get_tokenizer()  # fail early on a missing tokenizer, and let forked workers inherit it
+    tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
+    counts = {"train_tokens": 0, "val_tokens": 0}
+    docs = 0
+    start = time.perf_counter()
+    files = {split: open(path, "wb") for split, path in tmp.items()}
+    bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress, smoothing=0)
+    try:
+        for n, (train, val) in tokenize_stream(_batches(src, val_fraction, seed), num_proc):
+            train.tofile(files["train"])
+            val.tofile(files["val"])
+            counts["train_tokens"] += len(train)
+            counts["val_tokens"] += len(val)
+            docs += n
+            bar.update(n)
+            tokens = counts["train_tokens"] + counts["val_tokens"]
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+        bar.close()
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for split, count in counts.items():
+            if count == 0:
+                raise DataError(f"the {split[:-7]} split got no documents; check the source or --val-fraction")
+        for split, path in tmp.items():
+            os.replace(path, out_dir / f"{split}.bin")
+    except BaseException:
+        bar.close()  # so an error message starts on a line of its own
+        for split, f in files.items():
+            f.close()
+            tmp[split].unlink(missing_ok=True)
+        raise
+    meta = {
+        "tokenizer": TOKENIZER,
+        "vocab_size": VOCAB_SIZE,
+        "eot_token": EOT_ID,
+        "dtype": DTYPE.name,
+        **counts,
+        "documents": docs,
+        "source": description,
+        "format": "raw little-endian token ids, <|endoftext|> after every document",
+    }
+    write_meta(out_dir, meta)
+    seconds = time.perf_counter() - start
+    print(
+        f"{out_dir}: {counts['train_tokens']:,} train + {counts['val_tokens']:,} val tokens"
+        f" from {docs:,} documents in {seconds:.1f}s"
+    )
+
+
+def ensure_prepared(dataset: str, data_root: str | Path = DATA_ROOT) -> Path:
+    """`data_root/dataset`, preparing the known corpora (tinystories, pydocs, pystdlib) if not complete.
+
+    Call it on one process (e.g. DDP rank 0) before the others open the data; concurrent callers
+    are safe, since they wait on the dataset's lock, but each would re-check the source.
+    """
+    data_dir = Path(data_root) / dataset
+    try:
+        read_meta(data_dir)
+    except DataError:
+        if dataset not in KNOWN:
+            raise  # the "not prepared; run: python data/prepare.py …" error
+        return prepare(dataset, data_root=data_root)
+    # Complete datasets are used as they are: a user may have prepared them with other options.
+    return data_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "source", nargs="?", default="tinystories", help="tinystories, pydocs, pystdlib, HF id, or files"
+    )
+    parser.add_argument("--name", help="output directory data/<name>/ (default: from the source)")
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        help="held-out fraction of documents when the source has no val split (default 0.01; pydocs 0.1)",
+    )
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the held-out split")
+    parser.add_argument("--text-field", default="text", help="text field of HF or .jsonl rows")
+    parser.add_argument("--split", default="train", help="HF split to train on")
+    parser.add_argument("--val-split", help="HF split to validate on (default: hold out a fraction)")
+    parser.add_argument("--config", help="HF dataset configuration name")
+    parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of caching it")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    parser.add_argument("--data-root", default=DATA_ROOT, type=Path, help="where <name>/ goes (default: data/)")
+    args = parser.parse_args(argv)
+    try:
+        prepare(
+            args.source,
+            args.name,
+            data_root=args.data_root,
+            num_proc=max(1, args.num_proc),
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            text_field=args.text_field,
+            split=args.split,
+            val_split=args.val_split,
+            config=args.config,
+            streaming=args.streaming,
+            force=args.force,
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Text sources for data/prepare.py: each turns a SOURCE argument into a stream of documents.
+
+Design choices:
+- A source is a JSON-able description plus a generator of `(text, split)` pairs, where split is
+  "train", "val", or None for "hold out a fraction here". The description identifies the content
+  (dataset id and splits, file sizes and mtimes, Python version) and is stored in meta.json,
+  so re-running prepare can tell cheaply whether anything changed, without reading the data.
+- Documents are generated lazily, one at a time, so a corpus never has to fit in memory.
+- Hugging Face loads fail fast offline: when huggingface.co does not answer a 2 s probe, the hub
+  is switched to offline mode (cached datasets still load) instead of retrying for minutes, and
+  the error names the offline corpora.
+- Offline corpora from the Python installation itself, so the whole pipeline runs anywhere:
+  `pydocs` (the reference documentation in `pydoc_data`, one document per topic, ~0.5 MB) and
+  `pystdlib` (the standard library's .py files, one document per file, ~30 MB).
+"""
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.errors import DataError
+from data.tokenizer import host_reachable
+
+OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pystdlib)"
+
+
+@dataclass
+class Source:
+    description: dict
+    documents: Callable[[], Iterator[tuple[str, str | None]]]
+    # Fraction of documents held out for val when the source has no val split of its own.
+    default_val_fraction: float = 0.01
+
+
+def resolve(
+    source: str,
+    text_field: str = "text",
+    split: str = "train",
+    val_split: str | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+) -> Source:
+    """The Source named by a prepare SOURCE argument."""
+    if source == "pydocs":
+        return pydocs()
+    if source == "pystdlib":
+        return pystdlib()
+    if source == "tinystories":
+        return huggingface("roneneldan/TinyStories", "text", "train", "validation", None, streaming)
+    if _looks_local(source):
+        return local_files(source, text_field)
+    return huggingface(source, text_field, split, val_split, config, streaming)
+
+
+def default_name(source: str) -> str:
+    """The dataset directory name for a source: `data/<name>/`."""
+    if source in ("pydocs", "pystdlib", "tinystories"):
+        return source
+    if _looks_local(source):
+        path = Path(source.rstrip("/\\"))
+        while glob.has_magic(str(path)):
+            path = path.parent
+        return (path.stem if path.suffix in (".txt", ".jsonl") else path.name).lower() or "local"
+    return source.split("/")[-1].lower()
+
+
+def _looks_local(source: str) -> bool:
+    return os.path.exists(source) or glob.has_magic(source) or source.endswith((".txt", ".jsonl"))
+
+
+def pydocs() -> Source:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError("this Python installation lacks pydoc_data; use pystdlib instead") from e
+
+    def documents() -> Iterator[tuple[str, None]]:
+        for key in sorted(topics):
+            yield topics[key], None
+
+    description = {"kind": "pydocs", "python": platform.python_version(), "documents": len(topics)}
+    # Only ~80 documents: hold out enough of them that val outlasts one block.
+    return Source(description, documents, default_val_fraction=0.1)
+
+
+def pystdlib() -> Source:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+    def documents() -> Iterator[tuple[str, None]]:
+        for path in files:
+            # A few test modules are deliberately not UTF-8; replacing bad bytes keeps them in.
+            yield path.read_bytes().decode("utf-8", errors="replace"), None
+
+    description = {
+        "kind": "pystdlib",
+        "python": platform.python_version(),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+    }
+    return Source(description, documents)
+
+
+def local_files(pattern: str, text_field: str = "text") -> Source:
+    """`.txt` files (one document each) and `.jsonl` files (one document per line's text_field)."""
+    if os.path.isdir(pattern):
+        files = [p for p in Path(pattern).rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()]
+    else:
+        files = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    files = sorted(files)
+    if not files:
+        raise DataError(f"no .txt or .jsonl files match {pattern!r}")
+    unsupported = [str(p) for p in files if p.suffix not in (".txt", ".jsonl")]
+    if unsupported:
+        raise DataError(f"unsupported file type (want .txt or .jsonl): {unsupported[0]}")
+
+    def documents() -> Iterator[tuple[str, None]]:
+        for path in files:
+            if path.suffix == ".txt":
+                yield path.read_text(encoding="utf-8", errors="replace"), None
+                continue
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _jsonl_text(line, text_field, f"{path}:{lineno}"), None
+
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    description = {
+        "kind": "files",
+        "pattern": pattern,
+        "text_field": text_field,
+        "files": len(files),
+        "bytes": sum(size for _, size, _ in stats),
+        # Any added, removed, grown or touched file changes this, and so triggers a rebuild.
+        "fingerprint": hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16],
+    }
+    return Source(description, documents)
+
+
+def _jsonl_text(line: str, text_field: str, where: str) -> str:
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+        raise DataError(f"{where}: no string field {text_field!r} (set it with --text-field)")
+    return row[text_field]
+
+
+def huggingface(
+    dataset: str,
+    text_field: str,
+    split: str,
+    val_split: str | None,
+    config: str | None,
+    streaming: bool,
+) -> Source:
+    """A Hugging Face dataset; val is `val_split`, or a held-out fraction of `split` when None."""
+
+    def documents() -> Iterator[tuple[str, str | None]]:
+        yield from _hf_texts(dataset, config, split, text_field, streaming, "train" if val_split else None)
+        if val_split:
+            yield from _hf_texts(dataset, config, val_split, text_field, streaming, "val")
+
+    description = {
+        "kind": "huggingface",
+        "dataset": dataset,
+        "config": config,
+        "split": split,
+        "val_split": val_split,
+        "text_field": text_field,
+    }
+    return Source(description, documents)
+
+
+def _hf_texts(
+    dataset: str, config: str | None, split: str, text_field: str, streaming: bool, tag: str | None
+) -> Iterator[tuple[str, str | None]]:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline and not host_reachable("huggingface.co"):
+        offline = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+    import huggingface_hub.constants
+
+    if offline:
+        # Both libraries read HF_HUB_OFFLINE once, at import; set the parsed flags too in case
+        # they were imported before the probe. Offline they use the local cache and fail fast.
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+        where = "offline, not in the local cache" if offline else str(e).splitlines()[0]
+        raise DataError(
+            f"cannot load Hugging Face dataset {dataset!r} split {split!r} ({where}); {OFFLINE_HINT}"
+        ) from e
+    for batch in ds.iter(batch_size=1000):
+        if text_field not in batch:
+            raise DataError(
+                f"{dataset!r} has no field {text_field!r}; its fields: {', '.join(batch)} (use --text-field)"
+            )
+        for text in batch[text_field]:
+            yield text, tag

@@ -1,0 +1,61 @@
+"""Plot a run's losses and learning rate: `python scripts/plot_loss.py checkpoints/RUN [--out FILE.png]`.
+
+Reads RUN/metrics.jsonl (written by train.py) and draws train loss (every logged iteration), the evaluated
+train and val losses, and the learning rate on a second axis. Writes RUN/loss.png unless --out says otherwise.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed (servers, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
+def plot(run_dir: Path, out: Path) -> None:
+    metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: pass a run's out_dir (train.py writes metrics.jsonl there)")
+    train, evals = read_metrics(metrics)
+    if not train and not evals:
+        raise ValueError(f"{metrics} holds no metrics yet")
+    fig, loss_axis = plt.subplots(figsize=(9, 5))
+    loss_axis.plot([r["iter"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train loss (batch)")
+    loss_axis.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss (eval)")
+    loss_axis.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    loss_axis.set_xlabel("iteration (optimizer update)")
+    loss_axis.set_ylabel("cross-entropy loss")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot([r["iter"] for r in train], [r["lr"] for r in train], "k--", alpha=0.5, label="learning rate")
+    lr_axis.set_ylabel("learning rate")
+    handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
+    loss_axis.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    loss_axis.set_title(str(run_dir))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a run's out_dir, or its metrics.jsonl")
+    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/loss.png)")
+    args = parser.parse_args()
+    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "loss.png"
+    try:
+        plot(args.run, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Hugging Face export: transformers loads it and computes the same logits; our loader reads back the same tensors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_reference import tiny_config
+from test_sample_cli import TEXT, gpt2_config, trained_state
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sample
+from architecture import Gemma3Model
+from architecture.hf_export import export_hf
+from data.tokenizer import encode, get_tokenizer
+from training.checkpoint import save_checkpoint
+
+
+def random_model(config) -> Gemma3Model:
+    """Every parameter random, norms included (their init is zero, which would hide a norm mix-up)."""
+    model = Gemma3Model(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_transformers_loads_the_export_with_the_same_logits(tmp_path, tied):
+    model = random_model(tiny_config(tie_embeddings=tied))
+    export_hf(model, tmp_path)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf_model).__name__ == "Gemma3ForCausalLM" and hf_model.dtype == torch.float32
+    idx = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(1))  # past the 16-token window
+    with torch.no_grad():
+        assert (hf_model(idx).logits - model(idx)[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_then_our_loader_gives_identical_tensors(tmp_path, dtype):
+    model = random_model(tiny_config())
+    export_hf(model, tmp_path, dtype)
+    loaded = Gemma3Model.from_hf(str(tmp_path))
+    assert loaded.config.to_dict() == {**model.config.to_dict(), "dtype": str(dtype).removeprefix("torch.")}
+    loaded_params = dict(loaded.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(loaded_params[name], p.detach().to(dtype).float()), name
+
+
+def test_export_script_writes_model_and_gpt2_tokenizer(tmp_path):
+    save_checkpoint(trained_state(gpt2_config()), tmp_path / "run" / "latest.pt")
+    out = tmp_path / "hf"
+    command = [sys.executable, "scripts/export_hf.py", "--ckpt", str(tmp_path / "run"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = TEXT + "Ünïcödé, 日本語, emoji 🚀, numbers 12345 and   spaces\n\n\tdef f(x):\n    return x**2"
+    assert tokenizer.encode(text) == get_tokenizer().encode_ordinary(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text and tokenizer.eos_token_id == 50256
+
+    state = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    ours = Gemma3Model(state["model_config"]).eval()
+    ours.load_state_dict(state["model"])
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.tensor([encode(TEXT)[:40]])
+    with torch.no_grad():
+        assert (hf_model(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
+
+    # sample.py --hf-dir reads the export back: same tokens, same end-of-text, same greedy continuation.
+    loaded, codec = sample.load_hf_model(str(out))
+    assert codec.encode(TEXT) == encode(TEXT) and codec.eos_ids == {50256} and codec.decode(encode(TEXT)) == TEXT
+    assert torch.equal(loaded.eval().generate(idx, 10, temperature=0), ours.generate(idx, 10, temperature=0))
+
+
+def test_export_script_error_is_one_line(tmp_path):
+    command = [sys.executable, "scripts/export_hf.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pt'}\n"

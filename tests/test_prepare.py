@@ -1,0 +1,154 @@
+"""data/prepare.py on real files: round trip, meta counts, re-runs, errors, interruption, offline corpus."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.errors import DataError
+from data.meta import read_meta
+from data.prepare import ensure_prepared, main, prepare
+from data.sources import default_name
+from data.tokenizer import EOT_ID, decode
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [
+    "Once upon a time there was a tokenizer.",
+    "naïve café — 東京 🚀\n\ttabs  and   spaces\n",
+    "a literal <|endoftext|> in user text stays text",
+    "def f(x):\n    return x + 1\n",
+] + [f"Document number {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(60)]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """Four .txt files (one document each) and a .jsonl file in a subfolder (one per line)."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, doc in enumerate(DOCS[:4]):
+        (root / f"{i}.txt").write_text(doc, encoding="utf-8")
+    with open(root / "sub" / "rest.jsonl", "w", encoding="utf-8") as f:
+        for doc in DOCS[4:]:
+            f.write(json.dumps({"text": doc, "id": 0}) + "\n")
+    return root
+
+
+def documents(path: Path) -> list[str]:
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    assert len(tokens) == 0 or tokens[-1] == EOT_ID
+    ends = np.flatnonzero(tokens == EOT_ID)
+    starts = np.r_[0, ends[:-1] + 1]
+    return [decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+
+
+def test_round_trip_and_meta(corpus, tmp_path):
+    out = prepare(str(corpus), "tiny", data_root=tmp_path / "data", num_proc=2, val_fraction=0.25, progress=False)
+    train, val = documents(out / "train.bin"), documents(out / "val.bin")
+    assert train and val
+    assert sorted(train + val) == sorted(DOCS)
+    assert train == [d for d in DOCS if d in train]  # document order is kept within a split
+    meta = read_meta(out)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["train_tokens"] == (out / "train.bin").stat().st_size // 2
+    assert meta["val_tokens"] == (out / "val.bin").stat().st_size // 2
+    assert meta["documents"] == len(DOCS)
+    assert meta["source"]["kind"] == "files" and meta["source"]["files"] == 5
+
+
+def test_split_does_not_depend_on_num_proc(corpus, tmp_path):
+    a = prepare(str(corpus), "a", data_root=tmp_path, num_proc=1, val_fraction=0.25, progress=False)
+    b = prepare(str(corpus), "b", data_root=tmp_path, num_proc=2, val_fraction=0.25, progress=False)
+    for split in ("train.bin", "val.bin"):
+        assert (a / split).read_bytes() == (b / split).read_bytes()
+
+
+def test_rerun_is_a_noop_until_source_changes(corpus, tmp_path, capsys):
+    def run(**kw):
+        return prepare(str(corpus), "tiny", data_root=tmp_path, num_proc=1, val_fraction=0.25, progress=False, **kw)
+
+    out = run()
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    run()
+    assert "already prepared" in capsys.readouterr().out
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    run(force=True)
+    assert (out / "meta.json").stat().st_mtime_ns != stamp
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    (corpus / "new.txt").write_text("one more document")
+    run()
+    assert (out / "meta.json").stat().st_mtime_ns != stamp
+    assert read_meta(out)["documents"] == len(DOCS) + 1
+
+
+def test_pydocs_prepares_without_network(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    out = ensure_prepared("pydocs", data_root=tmp_path)
+    meta = read_meta(out)
+    assert meta["source"]["kind"] == "pydocs" and meta["train_tokens"] > 50_000 and meta["val_tokens"] > 1_000
+    assert "Boolean operations" in "".join(documents(out / "train.bin") + documents(out / "val.bin"))
+
+
+def test_unknown_dataset_not_prepared(tmp_path):
+    with pytest.raises(DataError, match="python data/prepare.py"):
+        ensure_prepared("mystery", data_root=tmp_path)
+
+
+def test_bad_inputs_are_data_errors(corpus, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no .txt or .jsonl files"):
+        prepare(str(tmp_path / "nothing" / "*.txt"), data_root=tmp_path, progress=False)
+    with pytest.raises(DataError, match="no string field 'body'"):
+        prepare(str(corpus), "x", data_root=tmp_path, text_field="body", num_proc=1, progress=False)
+    assert not (tmp_path / "x" / "train.bin.tmp").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="pydocs"):
+        prepare("nobody-here/no-such-dataset", data_root=tmp_path, num_proc=1, progress=False)
+    assert time.perf_counter() - start < 30
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.txt"), "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no .txt or .jsonl files") and err.count("\n") == 1
+
+
+def test_default_names():
+    assert default_name("pydocs") == "pydocs"
+    assert default_name("HuggingFaceFW/fineweb-edu") == "fineweb-edu"
+    assert default_name("books/*.txt") == "books"
+    assert default_name("notes.jsonl") == "notes"
+
+
+def test_killed_prepare_leaves_nothing_valid(tmp_path):
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "The quick brown fox jumps over the lazy dog, again and again. " * 8}) + "\n"
+    big.write_text(line * 20_000)  # ~10 MB: seconds of tokenizing, so the kill lands mid-run
+    cmd = [sys.executable, "data/prepare.py", str(big), "--name", "big", "--data-root", str(tmp_path)]
+    out = tmp_path / "big"
+    proc = subprocess.Popen([*cmd, "--num-proc", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not ((out / "train.bin.tmp").exists() and (out / "train.bin.tmp").stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any((out / f).exists() for f in ("train.bin", "val.bin", "meta.json"))
+    with pytest.raises(DataError, match="incomplete"):
+        read_meta(out)
+    done = subprocess.run([*cmd, "--num-proc", "2"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    meta = read_meta(out)
+    assert meta["documents"] == 20_000
+    assert (out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert not list(out.glob("*.tmp"))

@@ -1,0 +1,187 @@
+"""sample.py end to end on a checkpoint made by a few real training steps, and every error it reports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_reference import random_hf_model, tiny_config
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+import sample
+from architecture import Gemma3Model
+from data.tokenizer import EOT_ID, decode, encode
+from training.checkpoint import save_checkpoint
+
+TEXT = (
+    "The model reads a prompt, then writes one token at a time. Each token is chosen from the logits of the "
+    "last position. A cache keeps the keys and values of earlier tokens, so each step is cheap. "
+) * 4
+
+
+def gpt2_config(**overrides):
+    values = dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
+                  hidden_dim=64, n_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                  query_pre_attn_scalar=16, tie_embeddings=True)  # fmt: skip
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+def trained_state(config) -> dict:
+    """A few AdamW steps on real GPT-2 token ids, saved with the keys sample.py reads."""
+    torch.manual_seed(0)
+    model = Gemma3Model(config)
+    ids = torch.tensor(encode(TEXT))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(5):
+        x = torch.stack([ids[i : i + 32] for i in range(step, step + 40, 8)])
+        y = torch.stack([ids[i + 1 : i + 33] for i in range(step, step + 40, 8)])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": "gpt2", "iter_num": 5,
+            "best_val_loss": loss.item()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    save_checkpoint(trained_state(gpt2_config()), path / "best.pt")
+    return path
+
+
+def run_main(capsys, *argv):
+    sample.main([*argv])
+    return capsys.readouterr()
+
+
+def expect_error(capsys, match: str, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([*argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_streams_greedy_text_and_reports_speed(run_dir):
+    command = [sys.executable, "sample.py", "--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens",
+               "12", "--temperature", "0", "--num-samples", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    model = Gemma3Model(state["model_config"]).eval()
+    model.load_state_dict(state["model"])
+    prompt = torch.tensor([encode("The model")])
+    new_ids = model.generate(prompt, 12, temperature=0)[0, prompt.size(1) :].tolist()
+    if EOT_ID in new_ids:
+        new_ids = new_ids[: new_ids.index(EOT_ID)]
+    expected = "The model" + decode(new_ids)
+    assert result.stdout == f"{expected}\n---------------\n{expected}\n"
+    assert "tokens/s" in result.stderr and "cpu, float32" in result.stderr
+
+
+def test_seeded_sampling_is_reproducible_and_int8_runs(run_dir, capsys):
+    args = ["--ckpt", str(run_dir / "best.pt"), "--max-new-tokens", "10", "--top-k", "50", "--top-p", "0.9"]
+    first = run_main(capsys, *args, "--seed", "3").out
+    assert first == run_main(capsys, *args, "--seed", "3").out
+    assert "float32 + int8 weights" in run_main(capsys, *args, "--int8").err
+
+
+def test_generation_stops_at_end_of_text(run_dir, capsys, monkeypatch):
+    tokens = [encode(" one")[0], encode(" two")[0], EOT_ID, encode(" three")[0]]
+    monkeypatch.setattr(Gemma3Model, "generate_stream", lambda *args: (torch.tensor([[t]]) for t in tokens))
+    out = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "zero")
+    assert out.out == "zero one two\n" and out.err.startswith("2 tokens in")
+
+
+def test_empty_prompt_and_too_long_prompt(run_dir, capsys, tmp_path):
+    assert run_main(capsys, "--ckpt", str(run_dir), "--max-new-tokens", "3").err.startswith("3 tokens")
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text(TEXT)  # about 150 tokens, context_length is 64
+    out = run_main(capsys, "--ckpt", str(run_dir), "--prompt-file", str(prompt_file), "--max-new-tokens", "3")
+    assert f"the prompt has {len(encode(TEXT))} tokens; keeping its last 64" in out.err
+    assert out.out.startswith(decode(encode(TEXT)[-64:]))
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad")
+    (path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, path / "other.pt")
+    state = trained_state(gpt2_config())
+    save_checkpoint({**state, "model_config": gpt2_config(hidden_dim=96).to_dict()}, path / "disagrees.pt")
+    save_checkpoint({**state, "model_config": {**state["model_config"], "emb_dimm": 3}}, path / "badconfig.pt")
+    small = gpt2_config(vocab_size=300)
+    save_checkpoint({"model": Gemma3Model(small).state_dict(), "model_config": small.to_dict()}, path / "smallvocab.pt")
+    (path / "empty_run").mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("missing.pt", "checkpoint not found"),
+        ("empty_run", "holds no best.pt or latest.pt"),
+        ("notes.txt", "not a readable checkpoint"),
+        ("other.pt", "not a checkpoint of this project"),
+        ("disagrees.pt", "model_config disagrees with the weights: blocks.0.mlp.gate_proj.weight is (64, 32), "),
+        ("badconfig.pt", "unknown key 'emb_dimm'; did you mean 'emb_dim'?"),
+        ("smallvocab.pt", "the model's vocab_size is 300 but its tokenizer (gpt2) has 50257 tokens"),
+    ],
+)
+def test_checkpoint_errors(bad_checkpoints, capsys, name, match):
+    expect_error(capsys, match, "--ckpt", str(bad_checkpoints / name))
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--prompt-file", "nowhere.txt"], "prompt file not found: nowhere.txt"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nodevice"], "--device"),
+    ],
+)
+def test_option_errors(run_dir, capsys, extra, match):
+    expect_error(capsys, match, "--ckpt", str(run_dir), *extra)
+
+
+def word_tokenizer(words: list[str]) -> Tokenizer:
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    hf_model = random_hf_model(tiny_config())
+    hf_model.config.eos_token_id = [1, 2]
+    hf_model.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    words = ["<unk>", "<eos>", "<end>", "<stop>"] + [f"w{i}" for i in range(296)]
+    word_tokenizer(words).save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_hf_dir_generates_with_its_own_tokenizer_and_eos_ids(hf_dir, capsys):
+    model, codec = sample.load_hf_model(str(hf_dir))
+    assert codec.eos_ids == {1, 2, 3} and codec.encode("w0 w5") == [4, 9]
+    out = run_main(capsys, "--hf-dir", str(hf_dir), "--prompt", "w0 w5", "--max-new-tokens", "5")
+    assert out.out.startswith("w0 w5") and "tokens/s" in out.err
+
+
+def test_hf_dir_errors(hf_dir, capsys, tmp_path):
+    expect_error(capsys, "Hugging Face directory not found", "--hf-dir", str(tmp_path / "none"))
+    expect_error(capsys, "no tokenizer.json", "--hf-dir", str(tmp_path))
+    big = tmp_path / "big"
+    big.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (big / name).write_bytes((hf_dir / name).read_bytes())
+    word_tokenizer(["<unk>"] + [f"w{i}" for i in range(400)]).save(str(big / "tokenizer.json"))
+    expect_error(capsys, "tokenizer.json has 401 tokens but the model's vocab_size is 300", "--hf-dir", str(big))

@@ -1,0 +1,220 @@
+"""Training: config rules and overrides, LR schedule, checkpoints, exact resume after Ctrl-C, DDP on gloo,
+divergence, and the demo's falling loss. Runs are real `train.py` processes on the offline pydocs corpus."""
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from architecture.config import ConfigError
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config, parse_overrides
+from training.schedule import learning_rate
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = {
+    "vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "hidden_dim": 64,
+    "head_dim": 16, "n_kv_groups": 1, "query_pre_attn_scalar": 16, "sliding_window": 16, "tie_embeddings": True,
+    "layer_types": ["sliding_attention", "full_attention"], "dtype": "float32",
+}  # fmt: skip
+
+
+def run_config(tmp_path: Path, **overrides) -> Path:
+    """A training config for a tiny model on pydocs, block_size past the window, writing into tmp_path."""
+    model_file = tmp_path / "tiny_model.json"
+    model_file.write_text(json.dumps(TINY_MODEL))
+    values = {
+        "model_config": str(model_file), "dataset": "pydocs", "out_dir": str(tmp_path / "run"),
+        "batch_size": 4, "block_size": 32, "gradient_accumulation_steps": 2, "max_iters": 12,
+        "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 6, "eval_iters": 2,
+        "log_interval": 1, "device": "cpu", "dtype": "float32", **overrides,
+    }  # fmt: skip
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def train_process(config: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--config", str(config), *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+    )  # fmt: skip
+
+
+def run_train(config: Path, *args: str) -> str:
+    process = train_process(config, *args)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return output
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["iter"]: row["loss"] for row in rows if row["kind"] == "train"}
+
+
+# --- configuration and schedule -------------------------------------------------------------------------------
+
+
+def test_shipped_config_is_the_seed_run_counted_in_updates():
+    config = load_training_config(DEFAULT_TRAINING_CONFIG)
+    assert (config.batch_size, config.block_size, config.gradient_accumulation_steps) == (32, 128, 32)
+    assert (config.learning_rate, config.min_lr, config.max_iters) == (1e-4, 1e-5, 4690)
+    # 150,000 micro-batches of 32 x 128 tokens, as the seed ran them, are ~4,690 updates of 131,072 tokens.
+    assert config.tokens_per_iter == 131_072 and round(150_000 / 32) == 4688
+    assert config.warmup_steps < config.eval_interval < config.max_iters
+    load_training_config(REPO / "config" / "demo.json")
+
+
+def test_schedule_corners():
+    config = TrainingConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_iters=110)
+    assert learning_rate(0, config) == 0.0
+    assert learning_rate(5, config) == pytest.approx(5e-4)
+    assert learning_rate(10, config) == pytest.approx(1e-3)
+    assert learning_rate(60, config) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert learning_rate(110, config) == pytest.approx(1e-4)
+    assert learning_rate(500, config) == pytest.approx(1e-4)
+    decay = [learning_rate(i, config) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_min_lr_above_learning_rate_is_rejected():
+    with pytest.raises(ConfigError, match=r"'min_lr' \(0.0005\) is above 'learning_rate' \(0.0001\)"):
+        TrainingConfig(learning_rate=1e-4, min_lr=5e-4)
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    assert parse_overrides(["--max_iters=7", "--compile=true", "--betas=[0.9,0.99]", "--device=cpu"]) == {
+        "max_iters": 7, "compile": True, "betas": [0.9, 0.99], "device": "cpu",
+    }  # fmt: skip
+    config = load_training_config(run_config(tmp_path), ["--learning_rate=0.01", "--min_lr=1e-3"])
+    assert config.learning_rate == 0.01 and config.min_lr == 1e-3
+    with pytest.raises(ConfigError, match=r"--max_iters=ten: expected int"):
+        parse_overrides(["--max_iters=ten"])
+    with pytest.raises(ConfigError, match=r"--compile=maybe: expected bool"):
+        parse_overrides(["--compile=maybe"])
+    with pytest.raises(ConfigError, match=r"--max_iter: unknown setting; did you mean --max_iters\?"):
+        parse_overrides(["--max_iter=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rat'; did you mean 'learning_rate'\?"):
+        load_training_config(run_config(tmp_path, learning_rat=1.0))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(run_config(tmp_path)), "--device=cuda"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert result.returncode == 2
+    assert "CUDA is not available" in result.stderr and "config/demo.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_writes_are_atomic_and_reads_are_safe(tmp_path):
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "iter_num": 1}, path)
+    good = path.read_bytes()
+    # A write that fails half-way (here: an object torch.save cannot pickle) leaves the old file as it was.
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "bad": lambda: 0}, path)
+    assert path.read_bytes() == good and not path.with_name("latest.pt.tmp").exists()
+    assert load_checkpoint(path)["iter_num"] == 1
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt is not a readable checkpoint"):
+        load_checkpoint(truncated)
+    torch.save({"something": "else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+# --- real runs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """12 iterations without a stop; the reference for resume and DDP."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    output = run_train(run_config(tmp_path))
+    return tmp_path / "run", output
+
+
+def test_run_logs_evaluates_and_checkpoints(straight_run):
+    run_dir, output = straight_run
+    assert "iter 12: loss" in output and "tok/s" in output and "eval 12: train loss" in output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["kind"] == "eval"] == [6, 12]
+    assert all({"loss", "lr", "tokens_per_sec", "ms_per_iter"} <= r.keys() for r in rows if r["kind"] == "train")
+    checkpoint = load_checkpoint(run_dir / "latest.pt")  # weights_only=True inside
+    assert checkpoint["iter_num"] == 12 and checkpoint["tokenizer"] == "gpt2"
+    assert checkpoint["model_config"]["emb_dim"] == 32 and checkpoint["training_config"]["max_iters"] == 12
+    assert load_checkpoint(run_dir / "best.pt")["best_val_loss"] == checkpoint["best_val_loss"]
+
+
+def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
+    config = run_config(tmp_path)
+    process = train_process(config, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"iter": 3' in metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    stopped_at = load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"]
+    assert 3 <= stopped_at < 12, output
+    assert f"stopped at iteration {stopped_at}" in output
+
+    run_train(config, "--init_from=resume")
+    assert losses(tmp_path / "run") == losses(straight_run[0])  # bit-identical, iteration by iteration
+
+
+def test_two_process_ddp_matches_one_process(straight_run, tmp_path):
+    config = run_config(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+               "train.py", "--config", str(config)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    single, ddp = losses(straight_run[0]), losses(tmp_path / "run")
+    assert single.keys() == ddp.keys()
+    for iteration in single:  # same data and update; only the order of float additions differs
+        assert ddp[iteration] == pytest.approx(single[iteration], rel=1e-5), iteration
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Iteration 0 has lr 0 (warmup), so the checkpoint after it is good; the next updates blow the model up.
+    config = run_config(tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e6, min_lr=0.0,
+                        grad_clip=0.0)  # fmt: skip
+    process = train_process(config)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, output
+    assert "training diverged and stopped without saving" in output and "Traceback" not in output
+    good = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert good["iter_num"] >= 1 and math.isfinite(good["best_val_loss"])
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+
+
+def test_demo_config_loss_falls(tmp_path):
+    output = run_train(
+        REPO / "config" / "demo.json", f"--out_dir={tmp_path}", "--max_iters=30", "--eval_interval=30",
+        "--warmup_steps=5", "--eval_iters=4", "--log_interval=5",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert train[-1] < train[0] - 1.0, output
+    assert [r for r in rows if r["kind"] == "eval"][-1]["val_loss"] < 9.0

@@ -1,0 +1,39 @@
+"""Train a Gemma 3 model: `python train.py [--config FILE] [--key=value ...]`.
+
+Reads config/training_config.json (or --config FILE), applies --key=value overrides, and trains; see
+training/config.py for every setting. Multi-GPU: `torchrun --nproc_per_node=N train.py ...`.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from architecture import ConfigError, WeightsError
+from data import DataError
+from training.checkpoint import CheckpointError
+from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
+from training.trainer import TrainingError, train
+
+
+def main() -> None:
+    settings = "\n".join(
+        f"  --{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+        for f in dataclasses.fields(TrainingConfig)
+        if f.name != "source"
+    )
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"settings (defaults shown; the config file's values override them):\n{settings}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=str(DEFAULT_TRAINING_CONFIG), help="training config JSON")
+    args, overrides = parser.parse_known_args()
+    try:
+        train(load_training_config(args.config, overrides))
+    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Checkpoints: atomic writes, safe reads, and finding a run's checkpoint.
+
+Design choices:
+- A checkpoint is one `torch.save` dict of tensors and plain values (see `CHECKPOINT_KEYS`), read back with
+  `torch.load(weights_only=True)`: unpickling arbitrary objects could run code, so a checkpoint never holds any.
+- Writes go to `<name>.tmp` in the same directory, are flushed and fsynced, then renamed over the old file: a crash
+  mid-write leaves the previous checkpoint intact, never a truncated one under the real name.
+- Every failure to read (missing, truncated, not a checkpoint) is a `CheckpointError` that names the file.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+# What train.py writes. sample.py needs only "model", "model_config" and "tokenizer".
+CHECKPOINT_KEYS = (
+    "format_version",  # int
+    "model",  # state_dict of float32 tensors (a tied head appears under both names, same values)
+    "model_config",  # ModelConfig.to_dict()
+    "training_config",  # TrainingConfig.to_dict()
+    "tokenizer",  # "gpt2"
+    "iter_num",  # optimizer updates done
+    "best_val_loss",  # float
+    "optimizer",  # AdamW state_dict
+    "rng",  # torch / numpy / python RNG states
+    "loader",  # BatchLoader.state_dict() of the training split
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or not one of ours; the message names it."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write `state` to `path` atomically: temporary file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; raise `CheckpointError` if it is not a complete one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file (RuntimeError, UnpicklingError, EOFError...)
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another format): {e}") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no model / model_config)")
+    return state
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or in a run directory its `best.pt`, else its `latest.pt`."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "latest.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds no best.pt or latest.pt; train first or pass a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path

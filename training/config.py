@@ -1,0 +1,139 @@
+"""Training configuration: the `TrainingConfig` dataclass, its JSON file and `--key=value` overrides.
+
+Design choices:
+- An *iteration* is one optimizer update of batch_size x block_size x gradient_accumulation_steps tokens (the
+  global batch, whatever the number of processes). max_iters, warmup_steps, eval_interval, log_interval count
+  iterations, never micro-batches: the seed stepped its schedule per micro-batch, which hid its real budget.
+- The JSON file is loaded with the same strict loader as the model config (unknown keys suggest the closest one,
+  types checked). Command-line overrides are parsed by the field's declared type; nothing is `eval`-ed.
+"""
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from architecture.config import ConfigError, load_dataclass, read_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
+
+
+@dataclass
+class TrainingConfig:
+    model_config: str = "config/model_config.json"  # model JSON, relative to the repository root
+    dataset: str = "tinystories"  # data/<dataset>/, prepared on first use if it is a known source
+    out_dir: str = "checkpoints/tinystories"  # latest.pt, best.pt, metrics.jsonl, config.json go here
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/latest.pt) or a Hugging Face Gemma 3 directory
+
+    batch_size: int = 32  # sequences per micro-batch, per process
+    block_size: int = 128  # tokens per sequence
+    gradient_accumulation_steps: int = 32  # micro-batches per iteration, across all processes
+    max_iters: int = 4690  # iterations (optimizer updates)
+
+    learning_rate: float = 1e-4  # peak, reached at the end of warmup
+    min_lr: float = 1e-5  # floor of the cosine decay, held after max_iters
+    warmup_steps: int = 100  # iterations of linear warmup from 0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    eval_interval: int = 250  # iterations between evaluations (and `latest` checkpoints)
+    eval_iters: int = 50  # batches averaged per split in each evaluation
+    log_interval: int = 10  # iterations between log lines
+
+    seed: int = 1337
+    device: str = "cuda"  # "cuda", "cuda:N" or "cpu"
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
+    compile: bool = False  # torch.compile the model
+
+    wandb_log: bool = False
+    wandb_project: str = "gemma3-from-scratch"
+    wandb_run_name: str = ""  # empty: wandb picks one
+
+    source: str = field(default="TrainingConfig", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _fail(self, message: str) -> None:
+        raise ConfigError(f"{self.source}: {message}")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "learning_rate",
+                     "eval_interval", "eval_iters", "log_interval"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                self._fail(f"'{name}' must be positive, got {getattr(self, name)}")
+        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                self._fail(f"'{name}' must not be negative, got {getattr(self, name)}")
+        if self.min_lr > self.learning_rate:
+            self._fail(
+                f"'min_lr' ({self.min_lr}) is above 'learning_rate' ({self.learning_rate}): the cosine "
+                "decay would climb; set min_lr to at most learning_rate (often learning_rate / 10)"
+            )
+        if self.warmup_steps > self.max_iters:
+            self._fail(f"'warmup_steps' ({self.warmup_steps}) exceeds 'max_iters' ({self.max_iters})")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            self._fail(f"'betas' must be two numbers in [0, 1), got {self.betas}")
+        if self.dtype not in ("float32", "bfloat16"):
+            self._fail(f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            self._fail(f"'device' is '{self.device}'; use cuda, cuda:N or cpu")
+        if not self.dataset or "/" in self.dataset:
+            self._fail(f"'dataset' must be a name under data/, got '{self.dataset}'")
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.batch_size * self.block_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Turn the text of `--key=text` into the field's type (JSON syntax for lists)."""
+    try:
+        if annotation is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation == list[float]:
+            values = json.loads(text)
+            if not isinstance(values, list):
+                raise ValueError
+            return [float(v) for v in values]
+        return text
+    except (ValueError, TypeError, json.JSONDecodeError):
+        kind = "a JSON list like [0.9,0.95]" if annotation == list[float] else getattr(annotation, "__name__", "")
+        raise ConfigError(f"--{key}={text}: expected {kind}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--max_iters=100", "--compile=true"]` -> {"max_iters": 100, "compile": True}, typed by TrainingConfig."""
+    hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig) if f.name != "source"}
+    overrides = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read argument '{arg}': overrides are written --key=value")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            raise ConfigError(f"--{key}: unknown setting" + (f"; did you mean --{close[0]}?" if close else ""))
+        overrides[key] = _parse_value(key, text, hints[key])
+    return overrides
+
+
+def load_training_config(path: str | Path = DEFAULT_TRAINING_CONFIG, overrides: list[str] = ()) -> TrainingConfig:
+    """Read the JSON file at `path` and apply `--key=value` overrides on top."""
+    values = read_json(path)
+    if isinstance(values, dict):
+        values.update(parse_overrides(list(overrides)))
+    return load_dataclass(TrainingConfig, values, source=str(path))
