@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from architecture import ConfigError, Gemma3Model, ModelConfig, WeightsError
 from architecture.int8 import quantize_int8
+from data.errors import DataError
+from data.tokenizer import EOT_ID, get_tokenizer
 from training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,8 +57,6 @@ def load_checkpoint_model(path: str) -> tuple[Gemma3Model, Codec]:
     config = ModelConfig.from_dict(state["model_config"], source=f"{file} model_config")
     if state.get("tokenizer", "gpt2") != "gpt2":
         raise SampleError(f"{file} was trained with tokenizer {state['tokenizer']!r}; only 'gpt2' is supported")
-    from data.tokenizer import EOT_ID, get_tokenizer
-
     encoding = get_tokenizer()
     if config.vocab_size != encoding.n_vocab:
         raise SampleError(
@@ -95,8 +96,6 @@ def load_hf_model(path: str) -> tuple[Gemma3Model, Codec]:
         raise SampleError(f"Hugging Face directory not found: {directory}")
     if not (directory / "tokenizer.json").is_file():
         raise SampleError(f"{directory}: no tokenizer.json (the tokenizers library's file) to encode prompts with")
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     model = Gemma3Model.from_hf(str(directory))
     hf_config = json.loads((directory / "config.json").read_text())
@@ -240,8 +239,6 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data.errors import DataError
-
     try:
         run(argv)
     except (SampleError, CheckpointError, ConfigError, WeightsError, DataError) as e:

@@ -1,4 +1,4 @@
-"""Gemma 3 text architecture: the model, its config, and Hugging Face weight loading.
+"""Gemma 3 text architecture: the model, its config, KV cache, INT8 weights, Hugging Face import and export.
 
 `from architecture import Gemma3Model, model_config` gives the model class and the default config read from
 `config/model_config.json` (loaded on first access, so a broken JSON file only matters to code that uses it).
@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .config import ConfigError, ModelConfig
 from .gemma3 import IGNORE_INDEX, Gemma3Model, sample_next_token
+from .hf_export import export_hf
 from .hf_weights import WeightsError, load_weights_into
+from .int8 import quantize_int8
 from .kv_cache import KVCache
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "config" / "model_config.json"
@@ -21,8 +23,10 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "WeightsError",
+    "export_hf",
     "load_weights_into",
     "model_config",
+    "quantize_int8",
     "sample_next_token",
 ]
 

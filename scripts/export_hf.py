@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from architecture import ConfigError  # noqa: E402
 from architecture.hf_export import export_hf, write_gpt2_tokenizer  # noqa: E402
 from data.errors import DataError  # noqa: E402
+from data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 from sample import SampleError, load_checkpoint_model  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
 
@@ -31,8 +32,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         model, _ = load_checkpoint_model(args.ckpt)
-        from data.tokenizer import EOT_ID, get_tokenizer
-
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise SampleError(f"--out {out} exists and is not a directory")

@@ -42,8 +42,8 @@ def run_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def train_process(config: Path, *args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def train_process(config: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "train.py", "--config", str(config), *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
@@ -218,3 +218,17 @@ def test_demo_config_loss_falls(tmp_path):
     train = [r["loss"] for r in rows if r["kind"] == "train"]
     assert train[-1] < train[0] - 1.0, output
     assert [r for r in rows if r["kind"] == "eval"][-1]["val_loss"] < 9.0
+
+
+def test_wandb_offline_and_loss_plot(tmp_path):
+    config = run_config(tmp_path, max_iters=4, eval_interval=2, wandb_log=True, wandb_run_name="test")
+    process = train_process(config, env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+    plot = subprocess.run([sys.executable, "scripts/plot_loss.py", str(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
