@@ -6,9 +6,19 @@ Design choices:
 - Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads
   (`enable_gqa`, so keys and values are never copied per head). Queries and keys are RMS-normed per head,
   then rotated with RoPE whose base depends on the layer type (local for sliding, global for full layers).
-- Masks: a sequence no longer than the sliding window needs none (every causal key is inside the window), so all
-  layers take SDPA's causal path. A longer one builds the sliding-window mask once per forward, as a boolean
-  T x T tensor shared by all sliding layers; full layers keep the causal path.
+- Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than the sliding
+  window takes SDPA's causal path in every layer; a longer one builds one sliding mask per forward, shared by all
+  sliding layers (a cached FlexAttention `BlockMask` on CUDA, a boolean T x T mask for SDPA elsewhere), and full
+  layers keep the causal path. `model.attention_backend` ("auto", "sdpa", "flex") overrides the choice.
+- Training loss without the logits: `model(idx, targets, return_logits=False)` computes the cross-entropy with
+  `linear_cross_entropy`, which walks the rows in chunks and computes each chunk's gradient in the forward, so
+  the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at the seed's
+  32 x 128 batch that is three 823 MB tensors). Nothing is recomputed: the backward only scales the stored
+  gradients. The default `return_logits=True` keeps `logits, loss = model(idx, targets)` as it was.
+- The vocabulary is not padded to a multiple of 64: state-dict shapes, the parameter count and HF export stay
+  50,257-wide, and padding only inside the head matmul would copy the head's weight every step.
+- `model.activation_checkpointing = True` recomputes each block in the backward (torch.utils.checkpoint,
+  non-reentrant) instead of keeping its activations: long blocks (8192 tokens and beyond) fit one GPU.
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
   stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
 - Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
@@ -24,11 +34,16 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from .attention import Mask, attend, sliding_mask, sliding_window_mask
 from .config import ModelConfig
 from .kv_cache import KVCache
 
+__all__ = ["IGNORE_INDEX", "Gemma3Model", "linear_cross_entropy", "sample_next_token", "sliding_window_mask"]
+
 IGNORE_INDEX = -100  # targets with this id (padding) do not count in the loss, as in F.cross_entropy
+CE_CHUNK_ROWS = 1024  # rows of logits alive at once in linear_cross_entropy (1024 x 50257 float32: 206 MB)
 
 
 class RMSNorm(nn.Module):
@@ -58,11 +73,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, T) mask, True where query i may attend key j: j <= i and j > i - window (transformers' rule)."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum()
+        safe_targets = targets.masked_fill(~valid, 0)
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.size(0), chunk_rows):
+            h, t = hidden[start : start + chunk_rows], safe_targets[start : start + chunk_rows, None]
+            keep = valid[start : start + chunk_rows, None]
+            logits = (h @ weight.t()).float()  # matmul in the autocast dtype, softmax in float32
+            lse = logits.logsumexp(dim=-1, keepdim=True)
+            loss_sum += ((lse - logits.gather(1, t)) * keep).sum()
+            if needs_grad:
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on kept rows, 0 on ignored ones:
+                # exp(logits - lse - log(n_valid)) in place, with an infinite shift zeroing the ignored rows.
+                shift = torch.where(keep, lse + n_valid.log(), torch.inf)
+                grad_logits = logits.sub_(shift).exp_()
+                grad_logits.scatter_add_(1, t, keep / -n_valid)
+                grad_logits = grad_logits.to(h.dtype)  # autocast, where on, casts both matmuls
+                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
+                grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
+) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX)` for hidden (N, D), weight (V, D),
+    targets (N,), holding at most `chunk_rows` rows of logits at a time."""
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
 class Attention(nn.Module):
@@ -77,7 +130,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -87,10 +140,7 @@ class Attention(nn.Module):
         if cache is not None:
             y = cache.attend(layer, q, k, v, self.scale)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # fmt: skip
+            y = attend(q, k, v, mask, self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -118,7 +168,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.post_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, layer: int = 0):
         x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache, layer))
         return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
 
@@ -137,6 +187,8 @@ class Gemma3Model(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.attention_backend = "auto"  # sliding layers past the window: "auto", "sdpa" or "flex" (attention.py)
+        self.activation_checkpointing = False  # recompute blocks in the backward (training forward only)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -153,12 +205,23 @@ class Gemma3Model(nn.Module):
         load_weights_into(model, path)
         return model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets != IGNORE_INDEX.
 
         With a `cache`, `idx` continues the cached sequence (its positions start at `cache.pos`) and is cached.
+        With targets and `return_logits=False`, logits is None and the loss never materialises them whole.
         """
-        logits = self.lm_head(self.final_norm(self._hidden(idx, cache)))
+        hidden = self.final_norm(self._hidden(idx, cache))
+        if targets is not None and not return_logits and isinstance(self.lm_head, nn.Linear):
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            return None, loss
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -182,11 +245,16 @@ class Gemma3Model(nn.Module):
             "full_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_base, x.dtype),
         }
         # With a cache, the cache builds its own masks from absolute positions.
-        long_uncached = cache is None and T > cfg.sliding_window
-        sliding = sliding_window_mask(T, cfg.sliding_window, idx.device) if long_uncached else None
+        sliding = None
+        if cache is None:
+            sliding = sliding_mask(T, cfg.sliding_window, idx.device, self.attention_backend)
         masks = {"sliding_attention": sliding, "full_attention": None}
+        recompute = self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
+            if recompute:
+                x = checkpoint(block, x, *rope[block.layer_type], masks[block.layer_type], use_reentrant=False)
+            else:
+                x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
         return x
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -48,6 +48,7 @@ class TrainingConfig:
     device: str = "cuda"  # "cuda", "cuda:N" or "cpu"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in the backward: long block_size in less memory
 
     wandb_log: bool = False
     wandb_project: str = "gemma3-from-scratch"
