@@ -1,13 +1,21 @@
 """Training throughput, ours against transformers' Gemma3ForCausalLM, in one process on the same settings.
 
     python benchmarks/bench_train.py                          # CPU: config/demo_model.json, batch 8 x 128
-    python benchmarks/bench_train.py --block-size 1024 --batch-size 16 --compile   # GPU: the seed model
+    python benchmarks/bench_train.py --block-size 512         # CPU, past the demo's 64-token window
+    python benchmarks/bench_train.py --compile                # GPU: seed model at blocks 128, 1024 and 8192
+    python benchmarks/bench_train.py --implementations ours   # one model per process: max RSS is its own
 
 Both models get the same config (transformers' through `ModelConfig.to_hf_dict`, sdpa attention), the same
 random token batch, AdamW with the same settings (fused on CUDA), and the same precision (bf16 autocast with
-float32 weights on CUDA, float32 on the CPU). A step is forward + backward + optimizer step; the figures are the
-median over timed steps after warm-up. MFU uses the formula in training/metrics.py. The last line reads
-`ratio_vs_transformers=R`: our tokens/s over theirs.
+float32 weights on CUDA, float32 on the CPU). Ours runs the way the trainer runs it: `return_logits=False`
+(chunked linear cross-entropy) and, on CUDA past the window, FlexAttention for sliding layers. A step is
+forward + backward + optimizer step. The two implementations alternate for `--rounds` rounds (each round
+builds a fresh model, warms up, then times `--steps` steps), so a noisy machine slows both alike; the figures
+are medians over every timed step. "first step" is the first step's time: torch.compile's compilation with
+--compile. MFU (CUDA only) = model FLOPs per step / step time / the GPU's peak dense bf16 FLOP/s, model FLOPs
+as in training/metrics.py: 6 N + 12 sum over layers of n_heads * head_dim * span, per token (N: parameters
+less the embedding lookup; span: block_size for full layers, min(block_size, window) for sliding ones).
+The last line reads `ratio_vs_transformers=R`: our tokens/s over theirs (the last block size's, with several).
 """
 
 import argparse
@@ -40,19 +48,25 @@ def build(implementation: str, config: ModelConfig, device: torch.device) -> tor
     return Gemma3ForCausalLM(Gemma3TextConfig(**hf_config, attn_implementation="sdpa")).to(device)
 
 
-def time_training(implementation: str, config: ModelConfig, args, device: torch.device) -> dict:
+def time_training(implementation: str, config: ModelConfig, args, device: torch.device, block_size: int,
+                  batch_size: int) -> dict:  # fmt: skip
     model = build(implementation, config, device)
+    if args.activation_checkpointing:
+        if implementation == "ours":
+            model.activation_checkpointing = True
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=generator).to(device)
+    idx = torch.randint(0, config.vocab_size, (batch_size, block_size + 1), generator=generator).to(device)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def step() -> None:
         with autocast:
             if implementation == "ours":
-                loss = step_model(x, y)[1]
+                loss = step_model(x, y, return_logits=False)[1]
             else:  # transformers shifts labels itself, so it gets the sequence and sees block_size - 1 targets
                 loss = step_model(input_ids=x, labels=x).loss
         loss.backward()
@@ -78,33 +92,47 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
         step()
         synchronize()
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    tokens = args.batch_size * args.block_size
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"times": times, "first_step_s": first_step, "peak_memory_gib": memory}
+
+
+def summarize(implementation: str, rounds: list[dict], config: ModelConfig, device, block_size, batch_size) -> dict:
+    seconds = statistics.median(t for r in rounds for t in r["times"])
+    tokens = batch_size * block_size
     peak = peak_flops(device)
     with torch.device("meta"):  # shapes only, for the FLOP count
-        model_flops = flops_per_token(Gemma3Model(config), args.block_size) * tokens
-    result = {
+        model_flops = flops_per_token(Gemma3Model(config), block_size) * tokens
+    memory = [r["peak_memory_gib"] for r in rounds if r["peak_memory_gib"] is not None]
+    return {
         "implementation": implementation,
+        "block_size": block_size,
+        "batch_size": batch_size,
         "tokens_per_sec": tokens / seconds,
         "ms_per_iter": seconds * 1e3,
-        "first_step_s": first_step,
+        "first_step_s": rounds[0]["first_step_s"],
         "mfu": model_flops / seconds / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": max(memory) if memory else None,
     }
-    return result
+
+
+# Batch per block size on CUDA: the seed's 32 x 128, then about the same tokens per step as long as it fits.
+CUDA_BATCH = {128: 32, 1024: 16, 8192: 2}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, seed model on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: 8 on CPU, CUDA_BATCH)")
+    parser.add_argument("--block-size", type=int, nargs="+", help="default: 128 on CPU, 128 1024 8192 on CUDA")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the implementations")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks (both models)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--skip-transformers", action="store_true", help="time ours only")
+    parser.add_argument("--implementations", nargs="+", default=["ours", "transformers"],
+                        choices=["ours", "transformers"])  # fmt: skip
     parser.add_argument("--out", type=Path, help="append a markdown row per implementation to this file")
     args = parser.parse_args()
     if args.threads:
@@ -118,21 +146,30 @@ def main() -> None:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}, {config_path.name}, batch {args.batch_size} x {args.block_size}, "
-          f"compile {args.compile}")  # fmt: skip
+    block_sizes = args.block_size or ([128, 1024, 8192] if device.type == "cuda" else [128])
+    print(f"{name}, torch {torch.__version__}, {config_path.name}, compile {args.compile}, "
+          f"activation checkpointing {args.activation_checkpointing}")  # fmt: skip
 
-    results = [time_training("ours", config, args, device)]
-    if not args.skip_transformers:
-        results.append(time_training("transformers", config, args, device))
-    rows = []
-    for r in results:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{r['implementation']:>12}: {r['tokens_per_sec']:>10,.0f} tok/s  {r['ms_per_iter']:8.1f} ms/iter  "
-              f"MFU {mfu:>6}  peak memory {memory}  first step {r['first_step_s']:.1f} s")  # fmt: skip
-        rows.append(f"| {date.today()} | {name} | torch {torch.__version__} | {config_path.name} | "
-                    f"{args.batch_size} x {args.block_size} | {args.compile} | {r['implementation']} | "
-                    f"{r['tokens_per_sec']:,.0f} | {r['ms_per_iter']:.1f} | {mfu} | {memory} |")  # fmt: skip
+    rows, results = [], []
+    for block_size in block_sizes:
+        batch_size = args.batch_size or (CUDA_BATCH.get(block_size, 1) if device.type == "cuda" else 8)
+        rounds = {impl: [] for impl in args.implementations}
+        for _ in range(args.rounds):
+            for impl in args.implementations:
+                rounds[impl].append(time_training(impl, config, args, device, block_size, batch_size))
+        results = [summarize(impl, rounds[impl], config, device, block_size, batch_size) for impl in rounds]
+        for r in results:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a"
+            print(f"{batch_size:>3} x {block_size:<5} {r['implementation']:>12}: {r['tokens_per_sec']:>10,.0f} tok/s  "
+                  f"{r['ms_per_iter']:8.1f} ms/iter  MFU {mfu:>6}  peak memory {memory}  "
+                  f"first step {r['first_step_s']:.1f} s")  # fmt: skip
+            rows.append(f"| {date.today()} | {name} | torch {torch.__version__} | {config_path.name} | "
+                        f"{batch_size} x {block_size} | {args.compile} | {r['implementation']} | "
+                        f"{r['tokens_per_sec']:,.0f} | {r['ms_per_iter']:.1f} | {mfu} | {memory} |")  # fmt: skip
+        if len(results) == 2:
+            ratio = results[0]["tokens_per_sec"] / results[1]["tokens_per_sec"]
+            print(f"block {block_size}: ours / transformers = {ratio:.2f}")
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(rows) + "\n")

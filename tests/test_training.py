@@ -232,3 +232,17 @@ def test_wandb_offline_and_loss_plot(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_offline_dataset_fails_fast_with_the_data_message(tmp_path):
+    from data.tokenizer import host_reachable
+
+    if host_reachable("huggingface.co"):
+        pytest.skip("the Hugging Face hub is reachable from here")
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(run_config(tmp_path)), "--dataset=tinystories"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "pydocs" in result.stderr and "Traceback" not in result.stderr
+    assert time.time() - start < 60

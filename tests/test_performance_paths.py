@@ -1,0 +1,136 @@
+"""The fast paths agree with the plain ones on the CPU: FlexAttention masks, the chunked linear cross-entropy,
+activation checkpointing, and a training forward that torch.compile captures in one graph."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_reference import tiny_config
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+from architecture import IGNORE_INDEX, Gemma3Model
+from architecture.attention import resolve_backend, sliding_block_mask, sliding_mask, sliding_window_mask_mod
+from architecture.gemma3 import linear_cross_entropy, sliding_window_mask
+
+
+def batch(config, seq_len: int, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cpu_defaults_to_the_sdpa_masks():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "sdpa" and resolve_backend("auto", torch.device("cuda")) == "flex"
+    assert sliding_mask(64, 64, cpu) is None  # within the window: causal kernels, no mask
+    assert isinstance(sliding_mask(65, 64, cpu), torch.Tensor)
+    assert isinstance(sliding_mask(65, 64, cpu, "flex"), BlockMask)
+    with pytest.raises(ValueError, match="attention backend"):
+        resolve_backend("dense", cpu)
+
+
+@pytest.mark.parametrize("seq_len, window", [(83, 16), (1000, 128), (2048, 512)])
+def test_block_mask_is_the_sliding_window_rule_and_skips_blocks(seq_len, window):
+    cpu = torch.device("cpu")
+    dense = create_mask(sliding_window_mask_mod(window), None, None, seq_len, seq_len, device=cpu)[0, 0]
+    assert torch.equal(dense, sliding_window_mask(seq_len, window, cpu))
+    block_mask = sliding_block_mask(seq_len, window, cpu)
+    # Each 128-row query block touches at most the blocks its window spans: work grows as T x window, not T^2.
+    visited = block_mask.kv_num_blocks + (block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None
+                                          else 0)  # fmt: skip
+    assert visited.max().item() <= window // 128 + 2
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_groups": 1}], ids=["gqa", "mqa"])
+def test_flex_forward_matches_sdpa_past_the_window(overrides):
+    """FlexAttention runs forward-only on the CPU (its backward is CUDA-only in torch 2.13): compare logits."""
+    config = tiny_config(**overrides)
+    model = Gemma3Model(config).eval()
+    idx = batch(config, 5 * config.sliding_window + 3)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": fine for a check
+        model.attention_backend = "sdpa"
+        expected = model(idx)[0]
+        model.attention_backend = "flex"
+        logits = model(idx)[0]
+    assert (logits - expected).abs().max().item() <= 1e-5
+
+
+def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(101, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 101, (37,), generator=generator)
+    targets[[3, 20, 21]] = IGNORE_INDEX
+    expected = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+    expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)  # 5 chunks, the last one short
+    grads = torch.autograd.grad(loss * 3, (hidden, weight))  # a scaled loss scales the stored gradients
+    assert abs(loss.item() - expected.item()) <= 1e-5
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert (got - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["separate-head", "tied-head"])
+def test_loss_without_logits_matches_the_public_path(tie):
+    config = tiny_config(tie_embeddings=tie)
+    model = Gemma3Model(config)
+    idx, targets = batch(config, 40), batch(config, 40, seed=2)
+    targets[0, :5] = IGNORE_INDEX
+    logits, expected = model(idx, targets)
+    assert logits.shape == (2, 40, config.vocab_size)
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    no_logits, loss = model(idx, targets, return_logits=False)
+    loss.backward()
+    assert no_logits is None and abs(loss.item() - expected.item()) <= 1e-5
+    for name, p in model.named_parameters():
+        assert (p.grad - expected_grads[name]).abs().max().item() <= 1e-5, name
+    with torch.no_grad():  # evaluation: no gradient work, same loss
+        assert abs(model(idx, targets, return_logits=False)[1].item() - expected.item()) <= 1e-5
+
+
+def test_loss_without_logits_under_bf16_autocast():
+    config = tiny_config()
+    model = Gemma3Model(config)
+    idx, targets = batch(config, 40), batch(config, 40, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(idx, targets)[1]
+        loss = model(idx, targets, return_logits=False)[1]
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) <= 2e-2
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    config = tiny_config()
+    model = Gemma3Model(config)
+    idx = batch(config, 3 * config.sliding_window)  # past the window: the mask goes through checkpoint too
+    losses, grads = [], []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, idx, return_logits=False)[1]
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for plain, recomputed in zip(*grads, strict=True):
+        assert (plain - recomputed).abs().max().item() <= 1e-6
+    model.eval()
+    with torch.no_grad():  # generation never checkpoints (and keeps working with the flag on)
+        assert model.generate(idx[:1, :4], max_new_tokens=3, temperature=0).shape == (1, 7)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_training_forward_is_one_graph(checkpointing):
+    """What `compile: true` compiles: the training forward past the window, with no graph break."""
+    config = tiny_config(n_kv_groups=1)
+    model = Gemma3Model(config)
+    model.activation_checkpointing = checkpointing
+    idx = batch(config, 2 * config.sliding_window + 5)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(idx, idx, return_logits=False)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
