@@ -82,12 +82,36 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
+class CheckedConfig:
+    """Base of the config dataclasses: validated when created, errors prefixed with where the values came from
+    (the `source` field each subclass declares last), and exported to JSON without that field."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, message: str) -> None:
+        raise ConfigError(f"{self.source}: {message}")
+
+    def _require_positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and not allow_zero):
+                self._fail(f"'{name}' must {'not be negative' if allow_zero else 'be positive'}, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready settings (what `load_dataclass` reads back)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+
 def _default_layer_types() -> list[str]:
     return (["sliding_attention"] * 5 + ["full_attention"]) * 3
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(CheckedConfig):
     """Hyperparameters of a Gemma 3 text model. Defaults are the 270M architecture with GPT-2's vocabulary."""
 
     vocab_size: int = 50257
@@ -109,19 +133,12 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     source: str = field(default="ModelConfig", repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def _fail(self, message: str) -> None:
-        raise ConfigError(f"{self.source}: {message}")
-
     def validate(self) -> None:
         """Check the architectural rules; the first broken one raises `ConfigError` naming its field."""
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "head_dim",
-                     "n_kv_groups", "query_pre_attn_scalar", "rope_local_base", "rope_base", "sliding_window",
-                     "rms_norm_eps"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                self._fail(f"'{name}' must be positive, got {getattr(self, name)}")
+        self._require_positive(
+            "vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "head_dim", "n_kv_groups",
+            "query_pre_attn_scalar", "rope_local_base", "rope_base", "sliding_window", "rms_norm_eps",
+        )  # fmt: skip
         if self.head_dim % 2:
             self._fail(f"'head_dim' must be even for rotary embeddings, got {self.head_dim}")
         if self.n_heads % self.n_kv_groups:
@@ -146,10 +163,6 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         return cls.from_dict(read_json(path), source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready settings (what `from_dict` reads back)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":

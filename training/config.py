@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from architecture.config import ConfigError, load_dataclass, read_json
+from architecture.config import CheckedConfig, ConfigError, load_dataclass, read_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(CheckedConfig):
     model_config: str = "config/model_config.json"  # model JSON, relative to the repository root
     dataset: str = "tinystories"  # data/<dataset>/, prepared on first use if it is a known source
     out_dir: str = "checkpoints/tinystories"  # latest.pt, best.pt, metrics.jsonl, config.json go here
@@ -56,20 +56,12 @@ class TrainingConfig:
 
     source: str = field(default="TrainingConfig", repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def _fail(self, message: str) -> None:
-        raise ConfigError(f"{self.source}: {message}")
-
     def validate(self) -> None:
-        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "learning_rate",
-                     "eval_interval", "eval_iters", "log_interval"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                self._fail(f"'{name}' must be positive, got {getattr(self, name)}")
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed"):
-            if getattr(self, name) < 0:
-                self._fail(f"'{name}' must not be negative, got {getattr(self, name)}")
+        self._require_positive(
+            "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "eval_interval",
+            "eval_iters", "log_interval",
+        )  # fmt: skip
+        self._require_positive("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", allow_zero=True)
         if self.min_lr > self.learning_rate:
             self._fail(
                 f"'min_lr' ({self.min_lr}) is above 'learning_rate' ({self.learning_rate}): the cosine "
@@ -89,9 +81,6 @@ class TrainingConfig:
     @property
     def tokens_per_iter(self) -> int:
         return self.batch_size * self.block_size * self.gradient_accumulation_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
 
 
 def _parse_value(key: str, text: str, annotation: Any) -> Any:
