@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from architecture import ConfigError, Gemma3Model, ModelConfig, WeightsError
+from architecture import ConfigError, Gemma3Model, WeightsError
+from architecture.hf_weights import read_hf_config
 from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import EOT_ID, get_tokenizer
-from training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, model_from_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
@@ -54,35 +55,17 @@ def load_checkpoint_model(path: str) -> tuple[Gemma3Model, Codec]:
     """Model and GPT-2 codec of a checkpoint file, or of a run directory's best.pt / latest.pt."""
     file = find_checkpoint(path)
     state = load_checkpoint(file)
-    config = ModelConfig.from_dict(state["model_config"], source=f"{file} model_config")
     if state.get("tokenizer", "gpt2") != "gpt2":
         raise SampleError(f"{file} was trained with tokenizer {state['tokenizer']!r}; only 'gpt2' is supported")
+    model = model_from_checkpoint(state, file)
     encoding = get_tokenizer()
-    if config.vocab_size != encoding.n_vocab:
+    if model.config.vocab_size != encoding.n_vocab:
         raise SampleError(
-            f"{file}: the model's vocab_size is {config.vocab_size} but its tokenizer (gpt2) has "
+            f"{file}: the model's vocab_size is {model.config.vocab_size} but its tokenizer (gpt2) has "
             f"{encoding.n_vocab} tokens"
         )
-    model = Gemma3Model(config)
-    check_state_dict(model, state["model"], file)
-    model.load_state_dict(state["model"])
     codec = Codec(encoding.encode_ordinary, encoding.decode, EOT_ID, {EOT_ID}, encoding.n_vocab)
     return model, codec
-
-
-def check_state_dict(model: Gemma3Model, weights: dict, file: Path) -> None:
-    """Raise SampleError naming the first disagreements between the checkpoint's config and its weights."""
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in weights]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
-    problems += [
-        f"{k} is {tuple(weights[k].shape)}, config says {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise SampleError(f"{file}: model_config disagrees with the weights: {'; '.join(problems[:3])}{more}")
 
 
 def _ids(value) -> set[int]:
@@ -98,7 +81,7 @@ def load_hf_model(path: str) -> tuple[Gemma3Model, Codec]:
         raise SampleError(f"{directory}: no tokenizer.json (the tokenizers library's file) to encode prompts with")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     model = Gemma3Model.from_hf(str(directory))
-    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config = read_hf_config(directory)
     # The base vocabulary must fit the embedding; added control tokens past it (e.g. an image token) never occur.
     vocab = tokenizer.get_vocab_size(with_added_tokens=False)
     if vocab > model.config.vocab_size:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from architecture import Gemma3Model, ModelConfig
+
 FORMAT_VERSION = 1
 # What train.py writes. sample.py needs only "model", "model_config" and "tokenizer".
 CHECKPOINT_KEYS = (
@@ -75,3 +77,25 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def model_from_checkpoint(state: dict[str, Any], file: str | Path) -> Gemma3Model:
+    """The model a loaded checkpoint describes, holding its weights.
+
+    A config that disagrees with the weights raises `CheckpointError` naming the first disagreements, rather than
+    load_state_dict's traceback.
+    """
+    model = Gemma3Model(ModelConfig.from_dict(state["model_config"], source=f"{file} model_config"))
+    expected, weights = model.state_dict(), state["model"]
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [
+        f"{k} is {tuple(weights[k].shape)}, config says {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{file}: model_config disagrees with the weights: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(weights)
+    return model

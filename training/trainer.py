@@ -36,7 +36,7 @@ from architecture.config import ConfigError
 from data.loader import BatchLoader
 from data.prepare import DATA_ROOT, ensure_prepared
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import REPO_ROOT, TrainingConfig
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .metrics import MetricsLog, flops_per_token, peak_flops
@@ -64,10 +64,9 @@ def resolve_device(config: TrainingConfig) -> torch.device:
 def build_model(config: TrainingConfig) -> tuple[Gemma3Model, dict | None]:
     """The model to train and, when resuming, the checkpoint it came from."""
     if config.init_from == "resume":
-        checkpoint = load_checkpoint(Path(config.out_dir) / "latest.pt")
-        model = Gemma3Model(ModelConfig.from_dict(checkpoint["model_config"], source="checkpoint model_config"))
-        model.load_state_dict(checkpoint["model"])
-        return model, checkpoint
+        path = Path(config.out_dir) / "latest.pt"
+        checkpoint = load_checkpoint(path)
+        return model_from_checkpoint(checkpoint, path), checkpoint
     if config.init_from == "scratch":
         return Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config)), None
     if Path(config.init_from).is_dir():
