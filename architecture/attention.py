@@ -65,7 +65,7 @@ def sliding_mask(seq_len: int, window: int, device: torch.device, backend: str =
         return None
     if resolve_backend(backend, device) == "flex":
         if torch.compiler.is_compiling():  # traced into the graph (dynamo would bypass the cache anyway)
-            return create_block_mask(sliding_window_mask_mod(window), None, None, seq_len, seq_len, device=device)
+            return sliding_block_mask.__wrapped__(seq_len, window, device)
         return sliding_block_mask(seq_len, window, device)
     return sliding_window_mask(seq_len, window, device)
 

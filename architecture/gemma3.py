@@ -218,7 +218,7 @@ class Gemma3Model(nn.Module):
         With targets and `return_logits=False`, logits is None and the loss never materialises them whole.
         """
         hidden = self.final_norm(self._hidden(idx, cache))
-        if targets is not None and not return_logits and isinstance(self.lm_head, nn.Linear):
+        if targets is not None and not return_logits:
             loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
             return None, loss
         logits = self.lm_head(hidden)
