@@ -239,7 +239,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         total=config.max_iters, initial=iter_num, disable=not world.is_master, unit="it", dynamic_ncols=True
     )
     losses, lr, t_last = {}, learning_rate(iter_num, config), time.perf_counter()
-    first_iter_pending = True  # the first iteration of this process, resumed or not, is the one that compiles
+    start_iter = iter_num  # the first iteration of this process, resumed or not, is the one that compiles
     try:
         while iter_num < config.max_iters:
             lr = learning_rate(iter_num, config)
@@ -277,12 +277,12 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
 
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            first_iter, first_iter_pending = first_iter_pending, False
+            first_iter = iter_num == start_iter + 1
             if first_iter and config.compile:
                 log(f"torch.compile: first iteration took {dt:.1f} s, compilation included")
                 if world.is_master:
                     metrics.log("compile", iter_num, first_iter_s=dt)
-            if world.is_master and (iter_num % config.log_interval == 0 or iter_num == 1 or first_iter):
+            if world.is_master and (iter_num % config.log_interval == 0 or first_iter):
                 row = {
                     "loss": loss_value,
                     "lr": lr,
@@ -294,12 +294,12 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
                 metrics.log("train", iter_num, **row)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 mfu = f", MFU {row['mfu']:.1%}" if peak else ""
-                first = " (includes compilation)" if first_iter and config.compile else ""
                 log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
-                    f"{row['ms_per_iter']:.0f} ms{mfu}{first}")  # fmt: skip
+                    f"{row['ms_per_iter']:.0f} ms{mfu}")  # fmt: skip
 
             if world.is_master and (iter_num % config.eval_interval == 0 or iter_num == config.max_iters):
                 losses = run_evaluation()
+                t_last = time.perf_counter()  # the next iteration's timing excludes evaluation and checkpointing
             if stop_requested:
                 if world.is_master and iter_num % config.eval_interval and iter_num != config.max_iters:
                     save_checkpoint(checkpoint_state(), out_dir / "latest.pt")
