@@ -60,7 +60,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file (RuntimeError, UnpicklingError, EOFError...)
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another format): {e}") from None
+        # torch's own text runs to many lines and suggests weights_only=False, the one thing not to do here.
+        reason = str(e).strip().splitlines()[0] if type(e).__name__ != "UnpicklingError" else "refused by weights_only"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, another format, or holding objects other than "
+            f"tensors and plain values): {type(e).__name__}: {reason}"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no model / model_config)")
     return state
