@@ -70,6 +70,32 @@ def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
         assert (got - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("precision", ["autocast-bf16", "bf16-weights"])
+def test_linear_cross_entropy_in_lower_precision(precision):
+    """Both gradient-accumulation paths: autocast (bf16 matmuls, float32 sum) and plain bf16 tensors (in place)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator)
+    weight = torch.randn(101, 16, generator=generator)
+    targets = torch.randint(0, 101, (37,), generator=generator)
+    if precision == "bf16-weights":
+        hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    hidden.requires_grad_(), weight.requires_grad_()
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "autocast-bf16")
+    with autocast:
+        expected = F.cross_entropy((hidden @ weight.t()).float(), targets)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    with autocast:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) <= 1e-4
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == want.dtype
+        assert (
+            got.float() - want.float()
+        ).abs().max().item() <= 1e-2 * want.float().abs().max().item()  # a few bf16 steps
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["separate-head", "tied-head"])
 def test_loss_without_logits_matches_the_public_path(tie):
     config = tiny_config(tie_embeddings=tie)
