@@ -6,8 +6,8 @@
     python benchmarks/bench_train.py --implementations ours   # one model per process: max RSS is its own
 
 Both models get the same config (transformers' through `ModelConfig.to_hf_dict`, sdpa attention), the same
-random token batch, AdamW with the same settings (fused on CUDA), and the same precision (bf16 autocast with
-float32 weights on CUDA, float32 on the CPU). Ours runs the way the trainer runs it: `return_logits=False`
+random token batch, AdamW with the same settings (fused, as in the trainer), and the same precision (bf16
+autocast with float32 weights on CUDA, float32 on the CPU). Ours runs the way the trainer runs it: `return_logits=False`
 (chunked linear cross-entropy) and, on CUDA past the window, FlexAttention for sliding layers. A step is
 forward + backward + optimizer step. The two implementations alternate for `--rounds` rounds (each round
 builds a fresh model, warms up, then times `--steps` steps), so a noisy machine slows both alike; the figures
@@ -56,7 +56,7 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
             model.activation_checkpointing = True
         else:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     step_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(0)
