@@ -4,26 +4,42 @@ Design choices:
 - T <= sliding_window: every causal key is inside the window, so all layers use SDPA's causal path
   (flash / memory-efficient kernels on CUDA, the fused flash kernel on the CPU). No mask is built.
 - T > sliding_window, full layers: still SDPA's causal path.
-- T > sliding_window, sliding layers, backend "sdpa": one boolean T x T mask shared by all sliding layers.
-  Correct everywhere, but the kernel computes every block and the mask alone is T^2 bytes.
+- T > sliding_window, sliding layers, backend "sdpa": the sequence is cut into blocks of `window` queries, and
+  each block attends to its own block and the one before (2 x window keys) under one shared (window, 2 x window)
+  boolean mask, in a single batched SDPA call; the first block, which has no block before it, is plain causal.
+  Compute and memory grow as T x 2 window (half of each block pair is masked), on every device and with SDPA's
+  own backward; K/V are copied twice (each block appears in two pairs), which at T x head_dim is small.
 - T > sliding_window, sliding layers, backend "flex": FlexAttention with a `BlockMask` built once per
   (T, window, device) and cached. Blocks wholly outside the window are skipped, so compute and memory grow as
   T x window. On CUDA it runs through `torch.compile(flex_attention)` (compiled once, at first use); elsewhere
   the eager implementation runs, which is exact but unfused, and is there so the CPU tests can check the
   mask logic against the SDPA path.
 - "auto" (the default) picks flex on CUDA and sdpa on every other device: the CPU never takes a CUDA-only
-  path, and the CPU test suite keeps testing the SDPA masks.
+  path (FlexAttention has no CPU backward in torch 2.13), and the CPU tests check the blocked path against
+  SDPA under the dense T x T mask and against transformers.
 - Multi-query / grouped-query heads go to both kernels with `enable_gqa=True`, so K/V are never repeated.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 BACKENDS = ("auto", "sdpa", "flex")
-Mask = torch.Tensor | BlockMask | None  # None: plain causal
+
+
+@dataclass(frozen=True)
+class WindowBlocks:
+    """Sliding-window attention block by block (see the module docstring): `mask` (window, 2 x window) is True where
+    query a of a block may attend key b of the pair (previous block, this block), i.e. a < b <= a + window."""
+
+    window: int
+    mask: torch.Tensor
+
+
+Mask = WindowBlocks | BlockMask | None  # None: plain causal
 
 # Compiled lazily at the first CUDA call; dynamic=False because block masks are cached per exact length.
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
@@ -67,7 +83,29 @@ def sliding_mask(seq_len: int, window: int, device: torch.device, backend: str =
         if torch.compiler.is_compiling():  # traced into the graph (dynamo would bypass the cache anyway)
             return sliding_block_mask.__wrapped__(seq_len, window, device)
         return sliding_block_mask(seq_len, window, device)
-    return sliding_window_mask(seq_len, window, device)
+    query, key = torch.arange(window, device=device)[:, None], torch.arange(2 * window, device=device)[None, :]
+    return WindowBlocks(window, (key > query) & (key <= query + window))
+
+
+def window_blocks_attention(q, k, v, blocks: WindowBlocks, scale: float, gqa: bool) -> torch.Tensor:
+    """Sliding-window attention of q (B, H, T, hd) over k, v (B, H_kv, T, hd), for T > window."""
+    B, H, T, hd = q.shape
+    W, n = blocks.window, -(-T // blocks.window)  # n blocks of W, the last one padded (its padding attends itself)
+    q, k, v = (F.pad(x, (0, 0, 0, n * W - T)) for x in (q, k, v))
+    first = F.scaled_dot_product_attention(
+        q[:, :, :W], k[:, :, :W], v[:, :, :W], is_causal=True, scale=scale, enable_gqa=gqa
+    )
+
+    def pairs(x: torch.Tensor) -> torch.Tensor:  # (B, h, n W, hd) -> (B (n - 1), h, 2 W, hd): block i-1 next to i
+        x = x.unflatten(2, (n, W))
+        return torch.cat((x[:, :, :-1], x[:, :, 1:]), dim=3).transpose(1, 2).flatten(0, 1)
+
+    rest_q = q[:, :, W:].unflatten(2, (n - 1, W)).transpose(1, 2).flatten(0, 1)  # (B (n - 1), H, W, hd)
+    rest = F.scaled_dot_product_attention(
+        rest_q, pairs(k), pairs(v), attn_mask=blocks.mask, scale=scale, enable_gqa=gqa
+    )
+    rest = rest.unflatten(0, (B, n - 1)).transpose(1, 2).flatten(2, 3)  # (B, H, (n - 1) W, hd)
+    return torch.cat((first, rest), dim=2)[:, :, :T]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float) -> torch.Tensor:
@@ -80,4 +118,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale:
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         flex = _compiled_flex_attention if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)
+    if isinstance(mask, WindowBlocks):
+        return window_blocks_attention(q, k, v, mask, scale, gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -6,12 +6,12 @@
 What is timed is the attention core of a layer: q (B, n_heads, T, head_dim), k and v (B, n_kv_groups, T,
 head_dim), forward and backward, with the model config's heads, window and query scale. "ours" is
 `architecture.attention` as the model calls it (`sliding_mask` + `attend`, backend "auto": FlexAttention with
-a cached BlockMask for sliding layers past the window on CUDA, SDPA with a boolean mask elsewhere; SDPA's causal
-path for full layers). "dense" is SDPA with an explicit boolean T x T mask for both layer types, as a masked
+a cached BlockMask for sliding layers past the window on CUDA, SDPA over window-sized blocks elsewhere; SDPA's
+causal path for full layers). "dense" is SDPA with an explicit boolean T x T mask for both layer types, as a masked
 implementation without sliding-window support runs it. Figures are medians over `--steps` timed runs after
 warm-up (which compiles FlexAttention on CUDA); peak memory is CUDA's max_memory_allocated above the inputs.
-On the CPU, FlexAttention has no backward in torch 2.13, so sliding layers take the boolean-mask path there
-and the CPU rows measure the full-layer causal path against the masked one.
+On the CPU (no memory figures there) sliding layers take the blocked SDPA path, as the model does: FlexAttention
+has no CPU backward in torch 2.13.
 """
 
 import argparse

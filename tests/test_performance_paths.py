@@ -1,5 +1,6 @@
-"""The fast paths agree with the plain ones on the CPU: FlexAttention masks, the chunked linear cross-entropy,
-activation checkpointing, and a training forward that torch.compile captures in one graph."""
+"""The fast paths agree with the plain ones on the CPU: blocked sliding-window attention, FlexAttention masks, the
+chunked linear cross-entropy, activation checkpointing, and a training forward that torch.compile captures in one
+graph."""
 
 import warnings
 
@@ -10,7 +11,14 @@ from hf_reference import tiny_config
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from architecture import IGNORE_INDEX, Gemma3Model
-from architecture.attention import resolve_backend, sliding_block_mask, sliding_mask, sliding_window_mask_mod
+from architecture.attention import (
+    WindowBlocks,
+    attend,
+    resolve_backend,
+    sliding_block_mask,
+    sliding_mask,
+    sliding_window_mask_mod,
+)
 from architecture.gemma3 import linear_cross_entropy, sliding_window_mask
 
 
@@ -18,14 +26,38 @@ def batch(config, seq_len: int, batch_size: int = 2, seed: int = 1) -> torch.Ten
     return torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def test_cpu_defaults_to_the_sdpa_masks():
+def test_cpu_defaults_to_the_blocked_sdpa_path():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa" and resolve_backend("auto", torch.device("cuda")) == "flex"
     assert sliding_mask(64, 64, cpu) is None  # within the window: causal kernels, no mask
-    assert isinstance(sliding_mask(65, 64, cpu), torch.Tensor)
+    blocks = sliding_mask(65, 64, cpu)
+    assert isinstance(blocks, WindowBlocks) and blocks.mask.shape == (64, 128)  # not T x T
     assert isinstance(sliding_mask(65, 64, cpu, "flex"), BlockMask)
     with pytest.raises(ValueError, match="attention backend"):
         resolve_backend("dense", cpu)
+
+
+@pytest.mark.parametrize(
+    "batch_size, heads, kv_heads, seq_len, window",
+    [(2, 4, 1, 83, 16), (1, 4, 2, 64, 16), (2, 2, 2, 17, 16), (1, 4, 1, 200, 7), (1, 2, 1, 2 * 64 + 1, 64)],
+    ids=["mqa-ragged", "gqa-whole-blocks", "mha-two-blocks", "small-window", "one-past-two-blocks"],
+)
+def test_window_blocks_match_the_dense_mask(batch_size, heads, kv_heads, seq_len, window):
+    """Blocked sliding-window attention equals SDPA under the full T x T mask, forward and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch_size, heads, seq_len, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(batch_size, kv_heads, seq_len, 8, generator=generator, requires_grad=True) for _ in "kv")
+    cpu = torch.device("cpu")
+    out = attend(q, k, v, sliding_mask(seq_len, window, cpu), scale=0.3)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=sliding_window_mask(seq_len, window, cpu), scale=0.3, enable_gqa=heads != kv_heads
+    )
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-5
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert (got - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("seq_len, window", [(83, 16), (1000, 128), (2048, 512)])

@@ -106,6 +106,8 @@ def test_overrides_are_typed_and_checked(tmp_path):
         parse_overrides(["--max_iter=3"])
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rat'; did you mean 'learning_rate'\?"):
         load_training_config(run_config(tmp_path, learning_rat=1.0))
+    with pytest.raises(ConfigError, match=r"'attention_backend' is 'dense'; use one of auto, sdpa, flex"):
+        load_training_config(run_config(tmp_path), ["--attention_backend=dense"])
 
 
 def test_cli_errors_are_one_line(tmp_path):

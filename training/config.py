@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from architecture.attention import BACKENDS
 from architecture.config import CheckedConfig, ConfigError, load_dataclass, read_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ class TrainingConfig(CheckedConfig):
     dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in the backward: long block_size in less memory
+    attention_backend: str = "auto"  # sliding layers past the window: auto (flex on CUDA), sdpa or flex
 
     wandb_log: bool = False
     wandb_project: str = "gemma3-from-scratch"
@@ -75,6 +77,8 @@ class TrainingConfig(CheckedConfig):
             self._fail(f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             self._fail(f"'device' is '{self.device}'; use cuda, cuda:N or cpu")
+        if self.attention_backend not in BACKENDS:
+            self._fail(f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}")
         if not self.dataset or "/" in self.dataset:
             self._fail(f"'dataset' must be a name under data/, got '{self.dataset}'")
 

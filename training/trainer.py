@@ -162,6 +162,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     # Precision: float32 master weights; bf16 autocast on CUDA; float32 on the CPU.
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
+    model.attention_backend = config.attention_backend
     use_bf16 = device.type == "cuda" and config.dtype == "bfloat16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     if device.type == "cuda":
