@@ -89,7 +89,7 @@ def sliding_mask(seq_len: int, window: int, device: torch.device, backend: str =
 
 def window_blocks_attention(q, k, v, blocks: WindowBlocks, scale: float, gqa: bool) -> torch.Tensor:
     """Sliding-window attention of q (B, H, T, hd) over k, v (B, H_kv, T, hd), for T > window."""
-    B, H, T, hd = q.shape
+    B, T = q.size(0), q.size(2)
     W, n = blocks.window, -(-T // blocks.window)  # n blocks of W, the last one padded (its padding attends itself)
     q, k, v = (F.pad(x, (0, 0, 0, n * W - T)) for x in (q, k, v))
     first = F.scaled_dot_product_attention(

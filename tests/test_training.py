@@ -1,5 +1,6 @@
 """Training: config rules and overrides, LR schedule, checkpoints, exact resume after Ctrl-C, DDP on gloo,
-divergence, and the demo's falling loss. Runs are real `train.py` processes on the offline pydocs corpus."""
+torch.compile, divergence, and the demo's falling loss. Runs are real `train.py` processes on the offline pydocs
+corpus."""
 
 import json
 import math
@@ -196,6 +197,18 @@ def test_two_process_ddp_matches_one_process(straight_run, tmp_path):
     assert single.keys() == ddp.keys()
     for iteration in single:  # same data and update; only the order of float additions differs
         assert ddp[iteration] == pytest.approx(single[iteration], rel=1e-5), iteration
+
+
+def test_compiled_run_matches_eager(straight_run, tmp_path):
+    """`--compile=true` through inductor (the blocked sliding layers and the chunked loss included): same losses."""
+    output = run_train(run_config(tmp_path), "--compile=true")
+    assert "torch.compile: first iteration took" in output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["kind"] == "compile"] == [1]
+    eager, compiled = losses(straight_run[0]), losses(tmp_path / "run")
+    assert eager.keys() == compiled.keys()
+    for iteration in eager:  # inductor fuses and reorders float operations
+        assert compiled[iteration] == pytest.approx(eager[iteration], rel=1e-4), iteration
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
