@@ -180,15 +180,22 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert model.generate(idx[:1, :4], max_new_tokens=3, temperature=0).shape == (1, 7)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
-def test_training_forward_is_one_graph(checkpointing):
-    """What `compile: true` compiles: the training forward past the window, with no graph break."""
+@pytest.mark.parametrize(
+    "backend, checkpointing",
+    [("sdpa", False), ("sdpa", True), ("flex", False)],
+    ids=["blocked-sdpa", "activation-checkpointing", "flex"],
+)
+def test_training_forward_is_one_graph(backend, checkpointing):
+    """What `compile: true` compiles: the training forward past the window, with no graph break. FlexAttention
+    (the CUDA path) is traced without gradients: it has no CPU backward."""
     config = tiny_config(n_kv_groups=1)
     model = Gemma3Model(config)
-    model.activation_checkpointing = checkpointing
+    model.attention_backend, model.activation_checkpointing = backend, checkpointing
     idx = batch(config, 2 * config.sliding_window + 5)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(idx, idx, return_logits=False)
+    with torch.set_grad_enabled(backend != "flex"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's "called without torch.compile()"
+        explanation = torch._dynamo.explain(model)(idx, idx, return_logits=False)
     torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
