@@ -15,8 +15,9 @@ Design choices:
   the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at the seed's
   32 x 128 batch that is three 823 MB tensors). Nothing is recomputed: the backward only scales the stored
   gradients. The default `return_logits=True` keeps `logits, loss = model(idx, targets)` as it was.
-- The vocabulary is not padded to a multiple of 64: state-dict shapes, the parameter count and HF export stay
-  50,257-wide, and padding only inside the head matmul would copy the head's weight every step.
+- The vocabulary stays 50,257 wide in the parameters (state-dict shapes, parameter count and HF export as
+  they are); on CUDA the loss pads the head to 50,304 rows inside, on the bf16 copy autocast makes anyway,
+  so that its GEMMs get aligned shapes, and gives the pad logits -inf.
 - `model.activation_checkpointing = True` recomputes each block in the backward (torch.utils.checkpoint,
   non-reentrant) instead of keeping its activations: long blocks (8192 tokens and beyond) fit one GPU.
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
@@ -79,19 +80,28 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, pad_to: int):
+        vocab_size, weight_dtype = weight.size(0), weight.dtype
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # cast (and pad) the head once, not in every matmul
+            weight = weight.to(torch.get_autocast_dtype(device_type))
+        # Zero rows up to a multiple of `pad_to` give GEMMs aligned shapes (50,257 is odd, which GPU kernels
+        # handle slowly); their logits are set to -inf below, so they take no probability and get no gradient.
+        if vocab_size % pad_to:
+            weight = F.pad(weight, (0, 0, 0, -vocab_size % pad_to))
         valid = targets != IGNORE_INDEX
         row_scale = (valid / valid.sum())[:, None]  # d(mean loss)/d(row's loss): 1/n_valid, 0 on ignored rows
         safe_targets = targets.masked_fill(~valid, 0)[:, None]
-        needs_grad = hidden.requires_grad or weight.requires_grad
+        needs_grad = any(ctx.needs_input_grad[:2])
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t, scale = hidden[rows], safe_targets[rows], row_scale[rows]
-            # matmul in the autocast dtype, log-softmax in float32
-            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            logits = (h @ weight.t()).float()  # matmul in the autocast dtype, log-softmax in float32
+            logits[:, vocab_size:] = -math.inf
+            log_probs = torch.log_softmax(logits, dim=-1)
             loss -= (log_probs.gather(1, t) * scale).sum()
             if needs_grad:
                 # d(row's loss)/d(logits) = softmax - one_hot(target), in place; the row scale goes on the
@@ -99,27 +109,33 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = log_probs.exp_().scatter_add_(1, t, -torch.ones_like(scale)).to(h.dtype)
                 grad_hidden[rows] = (grad_logits @ weight) * scale
                 scaled_h = (h * scale).to(h.dtype)
-                if torch.is_autocast_enabled(h.device.type):  # the matmul in autocast's dtype, the sum in float32
+                if torch.is_autocast_enabled(device_type):  # the matmul in autocast's dtype, the sum in float32
                     grad_weight += grad_logits.t() @ scaled_h
                 else:  # in place: no (vocab, dim) temporary per chunk, which a CPU's memory bandwidth feels
                     grad_weight.addmm_(grad_logits.t().float(), scaled_h.float())
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight[:vocab_size] if needs_grad else None)
+        ctx.weight_dtype = weight_dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    pad_to: int | None = None,
 ) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX)` for hidden (N, D), weight (V, D),
-    targets (N,), holding at most `chunk_rows` rows of logits at a time (default: CE_CHUNK_ROWS for the device)."""
+    targets (N,), holding at most `chunk_rows` rows of logits at a time (default: CE_CHUNK_ROWS for the device),
+    with the vocabulary padded to a multiple of `pad_to` inside (default: 64 on CUDA, none elsewhere)."""
     chunk_rows = chunk_rows or CE_CHUNK_ROWS.get(hidden.device.type, CE_CHUNK_ROWS["cuda"])
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    pad_to = pad_to or (64 if hidden.is_cuda else 1)
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, pad_to)
 
 
 class Attention(nn.Module):

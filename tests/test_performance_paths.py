@@ -87,7 +87,8 @@ def test_flex_forward_matches_sdpa_past_the_window(overrides):
     assert (logits - expected).abs().max().item() <= 1e-5
 
 
-def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
+@pytest.mark.parametrize("pad_to", [1, 64], ids=["vocab-as-is", "vocab-padded"])
+def test_linear_cross_entropy_matches_cross_entropy_in_chunks(pad_to):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
     weight = torch.randn(101, 16, generator=generator, requires_grad=True)
@@ -95,7 +96,7 @@ def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
     targets[[3, 20, 21]] = IGNORE_INDEX
     expected = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
     expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
-    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)  # 5 chunks, the last one short
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8, pad_to=pad_to)  # 5 chunks, the last short
     grads = torch.autograd.grad(loss * 3, (hidden, weight))  # a scaled loss scales the stored gradients
     assert abs(loss.item() - expected.item()) <= 1e-5
     for got, want in zip(grads, expected_grads, strict=True):
@@ -103,7 +104,8 @@ def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
 
 
 @pytest.mark.parametrize("precision", ["autocast-bf16", "bf16-weights"])
-def test_linear_cross_entropy_in_lower_precision(precision):
+@pytest.mark.parametrize("pad_to", [1, 64], ids=["vocab-as-is", "vocab-padded"])
+def test_linear_cross_entropy_in_lower_precision(precision, pad_to):
     """Both gradient-accumulation paths: autocast (bf16 matmuls, float32 sum) and plain bf16 tensors (in place)."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=generator)
@@ -117,7 +119,7 @@ def test_linear_cross_entropy_in_lower_precision(precision):
         expected = F.cross_entropy((hidden @ weight.t()).float(), targets)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
     with autocast:
-        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8, pad_to=pad_to)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) <= 1e-4
