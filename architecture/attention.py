@@ -14,9 +14,11 @@ Design choices:
   T x window. On CUDA it runs through `torch.compile(flex_attention)` (compiled once, at first use); elsewhere
   the eager implementation runs, which is exact but unfused, and is there so the CPU tests can check the
   mask logic against the SDPA path.
-- "auto" (the default) picks flex on CUDA and sdpa on every other device: the CPU never takes a CUDA-only
-  path (FlexAttention has no CPU backward in torch 2.13), and the CPU tests check the blocked path against
-  SDPA under the dense T x T mask and against transformers.
+- "auto" (the default) picks flex on data-center GPUs (A100, H100/H200, B200) and sdpa everywhere else. The
+  CPU has no FlexAttention backward in torch 2.13; GPUs with about 100 KB of shared memory per block (RTX
+  30xx/40xx/50xx, A6000, L4, L40) cannot compile its backward kernels at the Gemma 3 head_dim of 256
+  (pytorch/pytorch#133254, #198224). The CPU tests check the blocked path against SDPA under the dense
+  T x T mask and against transformers.
 - Multi-query / grouped-query heads go to both kernels with `enable_gqa=True`, so K/V are never repeated.
 """
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 BACKENDS = ("auto", "sdpa", "flex")
+FLEX_GPUS = ((8, 0), (9, 0), (10, 0))  # compute capabilities where "auto" means flex: A100, H100/H200, B200
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,9 @@ def sliding_block_mask(seq_len: int, window: int, device: torch.device) -> Block
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    return backend
+    if backend != "auto":
+        return backend
+    return "flex" if device.type == "cuda" and torch.cuda.get_device_capability(device) in FLEX_GPUS else "sdpa"
 
 
 def sliding_mask(seq_len: int, window: int, device: torch.device, backend: str = "auto") -> Mask:

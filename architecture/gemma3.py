@@ -8,8 +8,9 @@ Design choices:
   then rotated with RoPE whose base depends on the layer type (local for sliding, global for full layers).
 - Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than the sliding
   window takes SDPA's causal path in every layer; a longer one builds one sliding mask per forward, shared by all
-  sliding layers (a cached FlexAttention `BlockMask` on CUDA, window-sized blocks for SDPA elsewhere), and full
-  layers keep the causal path. `model.attention_backend` ("auto", "sdpa", "flex") overrides the choice.
+  sliding layers (a cached FlexAttention `BlockMask` on data-center GPUs, window-sized blocks for SDPA
+  elsewhere), and full layers keep the causal path. `model.attention_backend` ("auto", "sdpa", "flex")
+  overrides the choice.
 - Training loss without the logits: `model(idx, targets, return_logits=False)` computes the cross-entropy with
   `linear_cross_entropy`, which walks the rows in chunks and computes each chunk's gradient in the forward, so
   the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at the seed's

@@ -5,13 +5,13 @@
 
 What is timed is the attention core of a layer: q (B, n_heads, T, head_dim), k and v (B, n_kv_groups, T,
 head_dim), forward and backward, with the model config's heads, window and query scale. "ours" is
-`architecture.attention` as the model calls it (`sliding_mask` + `attend`, backend "auto": FlexAttention with
-a cached BlockMask for sliding layers past the window on CUDA, SDPA over window-sized blocks elsewhere; SDPA's
-causal path for full layers). "dense" is SDPA with an explicit boolean T x T mask for both layer types, as a masked
-implementation without sliding-window support runs it. Figures are medians over `--steps` timed runs after
-warm-up (which compiles FlexAttention on CUDA); peak memory is CUDA's max_memory_allocated above the inputs.
-On the CPU (no memory figures there) sliding layers take the blocked SDPA path, as the model does: FlexAttention
-has no CPU backward in torch 2.13.
+`architecture.attention` as the model calls it (`sliding_mask` + `attend` with `--backend`, by default "auto":
+FlexAttention with a cached BlockMask for sliding layers past the window on A100 / H100 / B200, SDPA over
+window-sized blocks elsewhere; SDPA's causal path for full layers). "dense" is SDPA with an explicit boolean
+T x T mask for both layer types, as a masked implementation without sliding-window support runs it. Figures are
+medians over `--steps` timed runs after warm-up (which compiles FlexAttention on CUDA); peak memory is CUDA's
+max_memory_allocated above the inputs. On the CPU (no memory figures there) sliding layers take the blocked SDPA
+path, as the model does: FlexAttention has no CPU backward in torch 2.13.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
 from architecture import ModelConfig  # noqa: E402
-from architecture.attention import attend, sliding_mask, sliding_window_mask  # noqa: E402
+from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def measure(kind: str, layer: str, T: int, config: ModelConfig, args, device: to
 
     def step() -> None:
         if kind == "ours":
-            out = attend(q, k, v, sliding_mask(T, window, device), scale)
+            out = attend(q, k, v, sliding_mask(T, window, device, args.backend), scale)
         else:  # the mask is built inside the step, as a masked implementation builds it every forward
             out = dense_attend(q, k, v, sliding_window_mask(T, window, device), scale)
         out.backward(torch.ones_like(out))
@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, seed model on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="ours for sliding layers (attention.py)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--min-T", type=int, default=512)
     parser.add_argument("--max-T", type=int, help="default: 32768 on CUDA, 4096 on CPU")
@@ -93,7 +94,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     header = (f"{name}, torch {torch.__version__}, {date.today()}, {config_path.name} (heads {config.n_heads}, "
               f"kv heads {config.n_kv_groups}, head_dim {config.head_dim}, window {config.sliding_window}), "
-              f"batch {args.batch_size}, {'bfloat16' if cuda else 'float32'}, forward + backward")  # fmt: skip
+              f"batch {args.batch_size}, {'bfloat16' if cuda else 'float32'}, forward + backward, "
+              f"sliding backend {resolve_backend(args.backend, device)}")  # fmt: skip
     print(header)
     lines = ["| layer | T | ours ms | dense ms | speed-up | ours MiB | dense MiB | memory ratio |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -8,7 +8,7 @@
 Both models get the same config (transformers' through `ModelConfig.to_hf_dict`, sdpa attention), the same
 random token batch, AdamW with the same settings (fused, as in the trainer), and the same precision (bf16
 autocast with float32 weights on CUDA, float32 on the CPU). Ours runs the way the trainer runs it: `return_logits=False`
-(chunked linear cross-entropy) and, on CUDA past the window, FlexAttention for sliding layers. A step is
+(chunked linear cross-entropy) and, past the window, the attention backend "auto" picks (attention.py). A step is
 forward + backward + optimizer step. The two implementations alternate for `--rounds` rounds (each round
 builds a fresh model, warms up, then times `--steps` steps), so a noisy machine slows both alike; the figures
 are medians over every timed step. "first step" is the first step's time: torch.compile's compilation with

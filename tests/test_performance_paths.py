@@ -26,9 +26,18 @@ def batch(config, seq_len: int, batch_size: int = 2, seed: int = 1) -> torch.Ten
     return torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("capability, expected", [((9, 0), "flex"), ((8, 0), "flex"), ((8, 6), "sdpa")])
+def test_auto_backend_on_gpus(monkeypatch, capability, expected):
+    """FlexAttention only where its head_dim-256 backward fits in shared memory (no GPU here: the capability is
+    what the rule reads)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_backend("auto", torch.device("cuda")) == expected
+    assert resolve_backend("sdpa", torch.device("cuda")) == "sdpa"
+
+
 def test_cpu_defaults_to_the_blocked_sdpa_path():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "sdpa" and resolve_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_backend("auto", cpu) == "sdpa"
     assert sliding_mask(64, 64, cpu) is None  # within the window: causal kernels, no mask
     blocks = sliding_mask(65, 64, cpu)
     assert isinstance(blocks, WindowBlocks) and blocks.mask.shape == (64, 128)  # not T x T

@@ -50,7 +50,7 @@ class TrainingConfig(CheckedConfig):
     dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in the backward: long block_size in less memory
-    attention_backend: str = "auto"  # sliding layers past the window: auto (flex on CUDA), sdpa or flex
+    attention_backend: str = "auto"  # sliding layers past the window: auto, sdpa or flex (architecture/attention.py)
 
     wandb_log: bool = False
     wandb_project: str = "gemma3-from-scratch"
