@@ -12,14 +12,16 @@ Design choices:
 - All bookkeeping for one forward (positions, masks, ring slots) happens once in `begin`, shared by every layer,
   as the uncached forward shares its sliding mask.
 - A chunk of several tokens (prefill) attends over [old ring entries, its own keys] with the sliding rule, then
-  only its last `ring` keys are written: a prompt longer than the window sees the normal sliding mask, and the ring
-  holds exactly the keys later tokens can still see. A single token (decode) is written first, then attends over
-  the ring in place, with no mask once the ring is full.
+  only its last `ring` keys are written, so the ring holds exactly the keys later tokens can still see. A chunk
+  at position 0 has no old entries: it takes the uncached path's attention (causal, or window by window past
+  the window), so a long prompt costs T x window there, not T^2. A single token (decode) is written first, then
+  attends over the ring in place, with no mask once the ring is full.
 """
 
 import torch
 import torch.nn.functional as F
 
+from .attention import Mask, attend, sliding_mask
 from .config import ModelConfig
 
 
@@ -83,7 +85,10 @@ class KVCache:
             key_pos = torch.cat((self.slot_pos, positions))
             self.slot_pos[written % self.ring] = written
         self.write_slots, self.n_written = written % self.ring, n_written
-        if T == 1 and end >= self.ring:
+        self.first_chunk = T > 1 and start == 0
+        if self.first_chunk:
+            self.first_chunk_mask: Mask = sliding_mask(T, self.window, device, backend="sdpa")
+        elif T == 1 and end >= self.ring:
             self.sliding_mask = None  # a full ring holds exactly the window
         else:
             q = positions[:, None]
@@ -109,9 +114,12 @@ class KVCache:
             keys, values = k_cache, v_cache
         else:
             # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
-            keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
+            if not self.first_chunk:
+                keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
             k_cache[:, :, self.write_slots] = k[:, :, -self.n_written :]
             v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
+            if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
+                return attend(q, k, v, self.first_chunk_mask, scale)
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa
         )  # fmt: skip
