@@ -84,7 +84,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, pad_to: int):
         vocab_size, weight_dtype = weight.size(0), weight.dtype
         device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):  # cast (and pad) the head once, not in every matmul
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:  # cast (and pad) the head once, not in every matmul
             weight = weight.to(torch.get_autocast_dtype(device_type))
         # Zero rows up to a multiple of `pad_to` give GEMMs aligned shapes (50,257 is odd, which GPU kernels
         # handle slowly); their logits are set to -inf below, so they take no probability and get no gradient.
@@ -110,7 +111,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = log_probs.exp_().scatter_add_(1, t, -torch.ones_like(scale)).to(h.dtype)
                 grad_hidden[rows] = (grad_logits @ weight) * scale
                 scaled_h = (h * scale).to(h.dtype)
-                if torch.is_autocast_enabled(device_type):  # the matmul in autocast's dtype, the sum in float32
+                if autocast:  # the matmul in autocast's dtype, the sum in float32
                     grad_weight += grad_logits.t() @ scaled_h
                 else:  # in place: no (vocab, dim) temporary per chunk, which a CPU's memory bandwidth feels
                     grad_weight.addmm_(grad_logits.t().float(), scaled_h.float())
