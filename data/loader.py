@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from data.errors import DataError
-from data.meta import read_meta
+from data.meta import read_meta, token_file_mismatch
 
-__all__ = ["BatchLoader", "read_meta"]
+__all__ = ["BatchLoader"]
 
 
 class BatchLoader:
@@ -55,13 +55,11 @@ class BatchLoader:
                 f"{data_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "
                 f"model's vocab_size is {vocab_size}; use a matching tokenizer or model config"
             )
-        # Ids must fit the model's embedding; the tokenizer's own range is the tighter bound.
-        self.vocab_size = min(meta["vocab_size"], vocab_size or meta["vocab_size"])
+        self.vocab_size = meta["vocab_size"]  # the tokenizer's range, within the model's embedding (checked above)
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        size = self.path.stat().st_size if self.path.is_file() else -1
-        expected = meta[f"{split}_tokens"] * self.dtype.itemsize
-        if size != expected:
-            raise DataError(f"{self.path} has {size} bytes, meta.json says {expected}; rebuild with --force")
+        mismatch = token_file_mismatch(data_dir, meta, split)
+        if mismatch:
+            raise DataError(f"{mismatch}; rebuild with --force")
         self.num_tokens = meta[f"{split}_tokens"]
         if self.num_tokens < block_size + 1:
             raise DataError(
@@ -79,12 +77,12 @@ class BatchLoader:
         # A fresh memmap per batch: a long-lived one keeps every page it touched mapped, and the
         # process's resident memory grows towards the file size (nanoGPT does the same).
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
-        windows = np.stack([data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        windows = np.stack([data[s : s + self.block_size + 1] for s in starts.tolist()])
         del data
         if windows.max() >= self.vocab_size:
             raise DataError(f"{self.path} holds token id {windows.max()} >= vocab_size {self.vocab_size}; rebuild it")
-        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
-        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
+        x = torch.from_numpy(windows[:, :-1].astype(np.int64))  # astype copies into a contiguous array
+        y = torch.from_numpy(windows[:, 1:].astype(np.int64))
         self.batches += 1
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)

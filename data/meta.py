@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
+from data.sources import KNOWN
 
 REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
 
@@ -31,7 +32,7 @@ def read_meta(data_dir: str | Path) -> dict:
         what = "is incomplete (no meta.json)" if any(data_dir.glob("*.bin*")) else "is not prepared"
         raise DataError(
             f"dataset {data_dir} {what}; run: python data/prepare.py SOURCE --name {data_dir.name}"
-            f" (SOURCE: tinystories, pydocs, pystdlib, a Hugging Face id or local files)"
+            f" (SOURCE: {', '.join(KNOWN)}, a Hugging Face id or local files)"
         )
     try:
         meta = json.loads(path.read_text())
@@ -43,6 +44,14 @@ def read_meta(data_dir: str | Path) -> dict:
     if meta["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{path} has dtype {meta['dtype']!r}, expected uint16 or uint32")
     return meta
+
+
+def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | None:
+    """Why `data_dir/<split>.bin` does not hold meta.json's `<split>_tokens` ids, or None when it does."""
+    path = Path(data_dir) / f"{split}.bin"
+    size = path.stat().st_size if path.is_file() else -1
+    expected = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+    return None if size == expected else f"{path} has {size} bytes, meta.json says {expected}"
 
 
 def write_meta(data_dir: Path, meta: dict) -> None:

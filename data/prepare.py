@@ -45,12 +45,11 @@ from tqdm import tqdm
 
 from data import sources
 from data.errors import DataError
-from data.meta import read_meta, token_dtype, write_meta
+from data.meta import read_meta, token_dtype, token_file_mismatch, write_meta
 from data.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 from data.tokenizer import NAME as TOKENIZER
 
 DATA_ROOT = Path(__file__).resolve().parent
-KNOWN = ("tinystories", "pydocs", "pystdlib")
 BATCH_CHARS = 1 << 20  # big enough that the pool's per-task cost (~1 ms in the parent) is noise
 DTYPE = token_dtype(VOCAB_SIZE)
 
@@ -109,12 +108,7 @@ def _is_current(out_dir: Path, description: dict) -> bool:
         return False
     if meta["source"] != description or meta["tokenizer"] != TOKENIZER:
         return False
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    return all(
-        (out_dir / f"{split}.bin").is_file()
-        and (out_dir / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
-        for split in ("train", "val")
-    )
+    return all(token_file_mismatch(out_dir, meta, split) is None for split in ("train", "val"))
 
 
 def prepare(
@@ -223,7 +217,7 @@ def ensure_prepared(dataset: str, data_root: str | Path = DATA_ROOT) -> Path:
     try:
         read_meta(data_dir)
     except DataError:
-        if dataset not in KNOWN:
+        if dataset not in sources.KNOWN:
             raise  # the "not prepared; run: python data/prepare.py …" error
         return prepare(dataset, data_root=data_root)
     # Complete datasets are used as they are: a user may have prepared them with other options.

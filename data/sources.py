@@ -27,6 +27,7 @@ from pathlib import Path
 from data.errors import DataError
 from data.tokenizer import host_reachable
 
+KNOWN = ("tinystories", "pydocs", "pystdlib")  # built-in corpora: data/<name>/ is prepared on first use
 OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pystdlib)"
 
 
@@ -60,7 +61,7 @@ def resolve(
 
 def default_name(source: str) -> str:
     """The dataset directory name for a source: `data/<name>/`."""
-    if source in ("pydocs", "pystdlib", "tinystories"):
+    if source in KNOWN:
         return source
     if _looks_local(source):
         path = Path(source.rstrip("/\\"))
