@@ -34,7 +34,7 @@ def run_config(tmp_path: Path, **overrides) -> Path:
     model_file.write_text(json.dumps(TINY_MODEL))
     values = {
         "model_config": str(model_file), "dataset": "pydocs", "out_dir": str(tmp_path / "run"),
-        "batch_size": 4, "block_size": 32, "gradient_accumulation_steps": 2, "max_iters": 12,
+        "batch_size": 4, "block_size": 32, "gradient_accumulation_steps": 4, "max_iters": 12,
         "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 6, "eval_iters": 2,
         "log_interval": 1, "device": "cpu", "dtype": "float32", **overrides,
     }  # fmt: skip
@@ -187,6 +187,7 @@ def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(straight_run, tmp_path):
+    """2 micro-batches per process per update: the first under no_sync, the second all-reduced."""
     config = run_config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",

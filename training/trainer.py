@@ -209,9 +209,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         )
 
     def checkpoint_state() -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rng = {"torch": torch.get_rng_state()}  # the batches have their own generator (in "loader")
         return {
             "model": raw_model.state_dict(), "model_config": model_config.to_dict(),
             "training_config": config.to_dict(), "tokenizer": "gpt2", "iter_num": iter_num,
@@ -239,7 +237,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     progress = tqdm(
         total=config.max_iters, initial=iter_num, disable=not world.is_master, unit="it", dynamic_ncols=True
     )
-    losses, lr, t_last = {}, learning_rate(iter_num, config), time.perf_counter()
+    losses, t_last = {}, time.perf_counter()
     start_iter = iter_num  # the first iteration of this process, resumed or not, is the one that compiles
     try:
         while iter_num < config.max_iters:
@@ -251,13 +249,13 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
             x, y = train_loader.next_batch()
             for micro_step in range(local_accum):
                 last = micro_step == local_accum - 1
-                sync = model.no_sync() if world.enabled and not last else contextlib.nullcontext()
-                with sync, autocast:
-                    _, loss = model(x, y, return_logits=False)
-                    loss = loss / local_accum
-                if not last:  # prefetch within the iteration only: checkpoints stay at its boundary
-                    x, y = train_loader.next_batch()
-                with sync:
+                # DDP all-reduces gradients on the last micro-step only; no_sync's context can be entered once.
+                with model.no_sync() if world.enabled and not last else contextlib.nullcontext():
+                    with autocast:
+                        _, loss = model(x, y, return_logits=False)
+                        loss = loss / local_accum
+                    if not last:  # prefetch within the iteration only: checkpoints stay at its boundary
+                        x, y = train_loader.next_batch()
                     loss.backward()
                 loss_sum += loss.detach()
 
@@ -298,11 +296,12 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
                 log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
                     f"{row['ms_per_iter']:.0f} ms{mfu}")  # fmt: skip
 
-            if world.is_master and (iter_num % config.eval_interval == 0 or iter_num == config.max_iters):
+            evaluates = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
+            if world.is_master and evaluates:
                 losses = run_evaluation()
                 t_last = time.perf_counter()  # the next iteration's timing excludes evaluation and checkpointing
             if stop_requested:
-                if world.is_master and iter_num % config.eval_interval and iter_num != config.max_iters:
+                if world.is_master and not evaluates:  # an evaluation just wrote latest.pt
                     save_checkpoint(checkpoint_state(), out_dir / "latest.pt")
                 log(f"stopped at iteration {iter_num}; continue with --init_from=resume")
                 break
