@@ -27,7 +27,7 @@ CHECKPOINT_KEYS = (
     "iter_num",  # optimizer updates done
     "best_val_loss",  # float
     "optimizer",  # AdamW state_dict
-    "rng",  # torch / numpy / python RNG states
+    "rng",  # {"torch": torch.get_rng_state()}
     "loader",  # BatchLoader.state_dict() of the training split
 )
 
@@ -79,9 +79,7 @@ def find_checkpoint(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} holds no best.pt or latest.pt; train first or pass a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    return path  # load_checkpoint says if it is missing
 
 
 def model_from_checkpoint(state: dict[str, Any], file: str | Path) -> Gemma3Model:
