@@ -28,13 +28,13 @@ import torch
 from tokenizers import Tokenizer
 
 from architecture import ConfigError, Gemma3Model, WeightsError
+from architecture.config import DTYPES
 from architecture.hf_weights import read_hf_config
 from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import EOT_ID, get_tokenizer
 from training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, model_from_checkpoint
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 
 
@@ -48,7 +48,6 @@ class Codec:
     decode: Callable[[list[int]], str]
     start_id: int  # what an empty prompt starts from
     eos_ids: set[int]
-    vocab_size: int  # ids the tokenizer can produce from text
 
 
 def load_checkpoint_model(path: str) -> tuple[Gemma3Model, Codec]:
@@ -64,7 +63,7 @@ def load_checkpoint_model(path: str) -> tuple[Gemma3Model, Codec]:
             f"{file}: the model's vocab_size is {model.config.vocab_size} but its tokenizer (gpt2) has "
             f"{encoding.n_vocab} tokens"
         )
-    codec = Codec(encoding.encode_ordinary, encoding.decode, EOT_ID, {EOT_ID}, encoding.n_vocab)
+    codec = Codec(encoding.encode_ordinary, encoding.decode, EOT_ID, {EOT_ID})
     return model, codec
 
 
@@ -106,7 +105,6 @@ def load_hf_model(path: str) -> tuple[Gemma3Model, Codec]:
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         start_id,
         eos_ids,
-        vocab,
     )
     return model, codec
 
@@ -151,7 +149,7 @@ def resolve_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         raise SampleError("--device cuda: no CUDA GPU is available here; use --device cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return device, DTYPES[dtype]
+    return device, getattr(torch, dtype)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

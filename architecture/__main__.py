@@ -6,8 +6,7 @@ import sys
 import torch
 
 from . import DEFAULT_MODEL_CONFIG, ConfigError, Gemma3Model, ModelConfig
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from .kv_cache import kv_cache_bytes
 
 
 def parameter_counts(model: Gemma3Model) -> dict[str, int]:
@@ -25,15 +24,6 @@ def parameter_counts(model: Gemma3Model) -> dict[str, int]:
         else:
             counts["feed-forward"] += p.numel()
     return counts
-
-
-def kv_cache_bytes(config: ModelConfig, tokens: int, dtype_bytes: int) -> int:
-    """Bytes of keys and values cached for `tokens` tokens: sliding layers keep at most `sliding_window` entries."""
-    per_entry = 2 * config.n_kv_groups * config.head_dim * dtype_bytes
-    total = 0
-    for kind in config.layer_types:
-        total += per_entry * (min(tokens, config.sliding_window) if kind == "sliding_attention" else tokens)
-    return total
 
 
 def main() -> None:
@@ -56,8 +46,8 @@ def main() -> None:
         + ("  (output head tied to embedding)" if config.tie_embeddings else "")
     )
 
-    dtype_bytes = DTYPE_BYTES[config.dtype]
-    per_token = 2 * config.n_kv_groups * config.head_dim * dtype_bytes * config.n_layers
+    dtype_bytes = getattr(torch, config.dtype).itemsize
+    per_token = kv_cache_bytes(config, 1, dtype_bytes, rings=False)
     print(
         f"KV cache in {config.dtype}: {per_token:,} bytes per token while all layers grow "
         f"(sequences up to the {config.sliding_window}-token window)"

@@ -25,6 +25,13 @@ from .attention import Mask, attend, sliding_mask
 from .config import ModelConfig
 
 
+def kv_cache_bytes(config: ModelConfig, tokens: int, dtype_bytes: int, rings: bool = True) -> int:
+    """Bytes of keys and values for `tokens` tokens; with `rings`, sliding layers hold at most `sliding_window`."""
+    per_entry = 2 * config.n_kv_groups * config.head_dim * dtype_bytes  # a key and a value
+    sliding_entries = min(tokens, config.sliding_window) if rings else tokens
+    return sum(per_entry * (sliding_entries if kind == "sliding_attention" else tokens) for kind in config.layer_types)
+
+
 class KVCache:
     """Keys and values of every layer for `batch_size` sequences of at most `max_len` tokens."""
 
