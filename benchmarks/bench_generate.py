@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere in the repo
 
 from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig  # noqa: E402
+from architecture.config import DTYPES  # noqa: E402
 from architecture.int8 import block_linear_bytes, quantize_int8  # noqa: E402
+from architecture.kv_cache import kv_cache_bytes  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
              query_pre_attn_scalar=64, sliding_window=128, context_length=2048,
@@ -39,14 +40,13 @@ def sync(device: torch.device) -> None:
 
 
 def time_prefill(model: Gemma3Model, prompt: torch.Tensor) -> float:
-    """Seconds to prefill `prompt` into a fresh cache (best of 3)."""
+    """Seconds from `prompt` to the first new token, as generation runs it: one forward into a fresh cache, the
+    head on the last position only (best of 3)."""
     best = math.inf
     for _ in range(3):
-        cache = model.make_cache(prompt.size(0), prompt.size(1))
         sync(prompt.device)
         start = time.perf_counter()
-        with torch.no_grad():
-            model(prompt, cache=cache)
+        next(model.generate_stream(prompt, 1, temperature=0))
         sync(prompt.device)
         best = min(best, time.perf_counter() - start)
     return best
@@ -65,14 +65,13 @@ def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_c
 
 
 def cache_memory_report(config: ModelConfig) -> None:
-    entry = 2 * config.n_kv_groups * config.head_dim * 2  # key + value, bfloat16
     n_full = config.layer_types.count("full_attention")
     n_sliding = config.n_layers - n_full
     print(f"KV cache, seed config in bfloat16 ({n_full} full + {n_sliding} sliding layers, batch 1):")
     for tokens in (1024, 8192, 32768):
         cache = KVCache(config, 1, min(tokens, config.context_length), "meta", torch.bfloat16)
-        ideal = entry * (n_full * tokens + n_sliding * min(tokens, config.sliding_window))
-        no_ring = entry * config.n_layers * tokens
+        ideal = kv_cache_bytes(config, tokens, dtype_bytes=2)
+        no_ring = kv_cache_bytes(config, tokens, dtype_bytes=2, rings=False)
         print(
             f"  {tokens:>6} tokens: {cache.nbytes() / 2**20:8.2f} MiB with rings ({cache.nbytes() / ideal:.4f}x "
             f"ideal), {no_ring / 2**20:8.2f} MiB without ({no_ring / cache.nbytes():.1f}x more)"
@@ -143,7 +142,7 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--config", help="model config JSON (default: small on the CPU, the seed config on CUDA)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -164,7 +163,7 @@ def main() -> None:
             parser.error("--int8-eval needs --ckpt")
         int8_eval(args, device)
         return
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     speed_report(args, device, dtype)
     cache_memory_report(ModelConfig.from_json(DEFAULT_MODEL_CONFIG))
 
