@@ -3,7 +3,7 @@
     python benchmarks/tokenize_throughput.py [--num-proc N] [--repeats R] [--corpus pystdlib|pydocs]
 
 Design choices:
-- Measures exactly what prepare runs (`data.prepare.tokenize_stream`: batches of BATCH_CHARS
+- Measures exactly what prepare runs (`document_batches` into `tokenize_stream`: batches of BATCH_CHARS
   characters through its worker pool, results in order), on the offline pystdlib + pydocs
   corpora, so it runs on any machine.
 - The corpus is read into memory first, so the figures are tokenization plus inter-process
@@ -23,23 +23,15 @@ import os
 import time
 
 from data import sources
-from data.prepare import BATCH_CHARS, tokenize_stream
+from data.prepare import BATCH_CHARS, document_batches, tokenize_stream
 from data.tokenizer import get_tokenizer
 
 
 def load_batches(corpus: str) -> tuple[list[list[tuple[str, bool]]], int]:
     """The corpus as prepare's batches of (text, is_val) documents, and its size in UTF-8 bytes."""
     names = ("pystdlib", "pydocs") if corpus == "both" else (corpus,)
-    batches, batch, chars, nbytes = [], [], 0, 0
-    for name in names:
-        for text, _ in sources.resolve(name).documents():
-            batch.append((text, False))
-            chars += len(text)
-            nbytes += len(text.encode())
-            if chars >= BATCH_CHARS:
-                batches.append(batch)
-                batch, chars = [], 0
-    return batches + [batch] if batch else batches, nbytes
+    batches = [batch for name in names for batch in document_batches(sources.resolve(name), 0.0, 0)]
+    return batches, sum(len(text.encode()) for batch in batches for text, _ in batch)
 
 
 def best_of(runs: dict, repeats: int) -> dict:

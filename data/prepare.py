@@ -66,7 +66,9 @@ def tokenize_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarra
     return np.array(ids[0], dtype=DTYPE), np.array(ids[1], dtype=DTYPE)
 
 
-def _batches(source: sources.Source, val_fraction: float, seed: int) -> Iterator[list[tuple[str, bool]]]:
+def document_batches(source: sources.Source, val_fraction: float, seed: int) -> Iterator[list[tuple[str, bool]]]:
+    """Non-empty (text, is_val) documents in batches of about BATCH_CHARS characters; a seeded held-out draw
+    where the source has no split of its own."""
     rng = np.random.default_rng(seed)
     batch, chars = [], 0
     for text, split in source.documents():
@@ -164,7 +166,7 @@ def _build(
     files = {split: open(path, "wb") for split, path in tmp.items()}
     bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress, smoothing=0)
     try:
-        for n, (train, val) in tokenize_stream(_batches(src, val_fraction, seed), num_proc):
+        for n, (train, val) in tokenize_stream(document_batches(src, val_fraction, seed), num_proc):
             train.tofile(files["train"])
             val.tofile(files["val"])
             counts["train_tokens"] += len(train)
