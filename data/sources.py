@@ -127,12 +127,12 @@ def local_files(pattern: str, text_field: str = "text") -> Source:
             if path.suffix == ".txt":
                 yield path.read_text(encoding="utf-8", errors="replace"), None
                 continue
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8", errors="replace") as f:  # as .txt: a bad byte becomes U+FFFD
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
                         yield _jsonl_text(line, text_field, f"{path}:{lineno}"), None
 
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
     description = {
         "kind": "files",
         "pattern": pattern,

@@ -99,6 +99,15 @@ def test_pydocs_prepares_without_network(tmp_path, monkeypatch):
     assert "Boolean operations" in "".join(documents(out / "train.bin") + documents(out / "val.bin"))
 
 
+def test_invalid_utf8_is_replaced_in_jsonl_as_in_txt(corpus, tmp_path):
+    with open(corpus / "sub" / "rest.jsonl", "ab") as f:
+        f.write(b'{"text": "caf\xe9 latin-1"}\n')  # not UTF-8
+    (corpus / "4.txt").write_bytes(b"na\xefve latin-1")
+    out = prepare(str(corpus), "bad", data_root=tmp_path / "data", num_proc=1, val_fraction=0.25, progress=False)
+    docs = documents(out / "train.bin") + documents(out / "val.bin")
+    assert "caf\ufffd latin-1" in docs and "na\ufffdve latin-1" in docs
+
+
 def test_unknown_dataset_not_prepared(tmp_path):
     with pytest.raises(DataError, match="python data/prepare.py"):
         ensure_prepared("mystery", data_root=tmp_path)
