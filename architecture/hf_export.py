@@ -5,14 +5,16 @@ Design choices:
   written once, as the embedding, the way transformers saves tied Gemma 3 models.
 - The default export dtype is float32, the dtype training keeps: transformers then computes the same logits as our
   model. bfloat16 halves the files; config.json records whichever dtype the tensors have.
-- The GPT-2 tokenizer is rebuilt from a tiktoken encoding with the `tokenizers` library (byte-level BPE, GPT-2's
-  split pattern), so no download is needed. tiktoken ranks hold no merge list; each token's merge is recovered by
-  running byte-level BPE on its bytes with only lower ranks allowed, which ends in exactly two parts whose merge
-  creates the token. Merges are then ordered by the rank of their result, so HF's BPE applies them in tiktoken's
-  order and both tokenizers give the same ids.
+- The tokenizer is the model's own: a Hugging Face one is written as it came (tokenizer.json, and its
+  tokenizer_config.json when it had one, chat template included). GPT-2's is rebuilt from a tiktoken encoding with
+  the `tokenizers` library (byte-level BPE, GPT-2's split pattern), so no download is needed. tiktoken ranks hold
+  no merge list; each token's merge is recovered by running byte-level BPE on its bytes with only lower ranks
+  allowed, which ends in exactly two parts whose merge creates the token. Merges are then ordered by the rank of
+  their result, so HF's BPE applies them in tiktoken's order and both tokenizers give the same ids.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +30,9 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = 
     params = dict(model.named_parameters())
     tensors = {hf: params[ours].detach().to("cpu", dtype).contiguous() for ours, hf in hf_names(model).items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the other files follow the umask
     config = {**model.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch."), **config_extra}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -95,3 +100,24 @@ def write_gpt2_tokenizer(encoding, out_dir: str | Path, model_max_length: int) -
         "model_max_length": model_max_length,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def export_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> None:
+    """Write a `data.tokenizer.Tokenizer` so that `transformers.AutoTokenizer.from_pretrained(out_dir)` reads it."""
+    if tokenizer.kind == "gpt2":
+        write_gpt2_tokenizer(tokenizer.encoding, out_dir, model_max_length)
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(tokenizer.json_text, encoding="utf-8")
+    if tokenizer.config_text is not None:
+        (out / "tokenizer_config.json").write_text(tokenizer.config_text, encoding="utf-8")
+        return
+    token = lambda i: None if i is None else tokenizer.backend.id_to_token(i)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(tokenizer.bos_id),
+        "eos_token": token(tokenizer.eos_id),
+        "model_max_length": model_max_length,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

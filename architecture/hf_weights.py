@@ -4,6 +4,8 @@ Design choices:
 - safetensors only (a single `model.safetensors` or shards listed in `model.safetensors.index.json`), read one
   tensor at a time: transformers is not needed at run time and no pickle is ever loaded.
 - One explicit name table (`hf_names`) maps our parameter names to transformers' names; export uses the same table.
+- A hub id (`google/gemma-3-270m`) is fetched once into the Hugging Face cache with `huggingface_hub`, only the
+  files a text model needs; without network it is a one-line error saying how to bring the directory over.
 - Loading is all or nothing: every missing, unexpected or mis-shaped tensor is listed in one error, and the model
   is touched only once the whole checkpoint has been checked, so nothing is silently left at random init.
 """
@@ -47,6 +49,25 @@ def read_hf_config(path: str | Path) -> dict:
     if not config_file.is_file():
         raise ConfigError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
     return json.loads(config_file.read_text())
+
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A local directory holding the hub model `repo_id`, downloaded into the Hugging Face cache if not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all mean "not available here"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsError(
+            f"cannot get {repo_id} from the Hugging Face hub ({type(e).__name__}: {reason}); where there is network, "
+            f"run `hf download {repo_id} --local-dir DIR` (gated models: `hf auth login` and accept the license on "
+            "huggingface.co first) and pass that directory"
+        ) from None
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

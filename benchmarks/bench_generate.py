@@ -118,16 +118,16 @@ def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
     """Val loss and perplexity of a checkpoint with float32 and with INT8 block weights, on identical batches."""
     from data.loader import BatchLoader
-    from sample import load_checkpoint_model
+    from training.checkpoint import load_model
 
-    model, _ = load_checkpoint_model(args.ckpt)
+    model, tokenizer = load_model(args.ckpt)
     model.eval().to(device)
     block = min(args.block_size, model.config.context_length)
     losses = {}
     for label in ("float32", "int8"):
         if label == "int8":
             quantize_int8(model)
-        loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0)
+        loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0, tokenizer=tokenizer)
         total = 0.0
         with torch.no_grad():
             for _ in range(args.eval_batches):
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--skip-recompute", action="store_true", help="skip the slow decode without cache")
     parser.add_argument("--int8", action="store_true", help="also time decoding with int8 weights")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--ckpt", help="checkpoint for --int8-eval")
+    parser.add_argument("--ckpt", help="checkpoint, run directory or Hugging Face directory for --int8-eval")
     parser.add_argument("--int8-eval", metavar="DATA_DIR", help="prepared dataset dir: val perplexity float vs int8")
     parser.add_argument("--eval-batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -24,7 +24,7 @@ import time
 
 from data import sources
 from data.prepare import BATCH_CHARS, document_batches, tokenize_stream
-from data.tokenizer import get_tokenizer
+from data.tokenizer import gpt2
 
 
 def load_batches(corpus: str) -> tuple[list[list[tuple[str, bool]]], int]:
@@ -68,14 +68,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--corpus", choices=("both", "pystdlib", "pydocs"), default="both")
     args = parser.parse_args()
-    get_tokenizer()  # loaded once here; forked workers inherit it
+    tokenizer = gpt2()  # loaded once here; forked workers inherit it
     batches, nbytes = load_batches(args.corpus)
     print(f"corpus: {args.corpus}, {nbytes / 1e6:.1f} MB in {len(batches)} batches of ~{BATCH_CHARS} chars")
     if (busy := busy_cores()) is not None and busy > 0.2:
         print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy; multi-process figures suffer")
 
     def run(num_proc: int) -> int:
-        return sum(len(train) + len(val) for _, (train, val) in tokenize_stream(iter(batches), num_proc))
+        return sum(len(train) + len(val) for _, (train, val) in tokenize_stream(iter(batches), num_proc, tokenizer))
 
     results = best_of({n: lambda n=n: run(n) for n in sorted({1, args.num_proc})}, args.repeats)
     for n, (seconds, tokens) in results.items():

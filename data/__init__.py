@@ -1,7 +1,7 @@
-"""Data pipeline: GPT-2 tokenizer, dataset preparation into token files, batch loading.
+"""Data pipeline: tokenizers, dataset preparation into token files, batch loading.
 
 Modules, one job each:
-- `data.tokenizer`: the GPT-2 tiktoken encoding, found offline (see its docstring);
+- `data.tokenizer`: GPT-2 (tiktoken, shipped ranks) or a Hugging Face tokenizer.json, one interface;
 - `data.sources`: text sources (Hugging Face, local files, the offline pydocs/pystdlib corpora);
 - `data.prepare`: `python data/prepare.py SOURCE` -> data/<name>/{train.bin,val.bin,meta.json};
 - `data.meta`: reading and writing meta.json, the marker of a complete dataset;
@@ -13,6 +13,6 @@ torch, and tokenizer workers start fast; import `data.loader` where batches are 
 
 from data.errors import DataError
 from data.meta import read_meta
-from data.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
+from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_record
 
-__all__ = ["DataError", "EOT_ID", "VOCAB_SIZE", "decode", "encode", "get_tokenizer", "read_meta"]
+__all__ = ["DataError", "Tokenizer", "gpt2", "load_tokenizer", "read_meta", "tokenizer_from_record"]

@@ -8,7 +8,7 @@ Design choices:
   and keeps its own slice: ranks see distinct windows, and one rank's `state_dict()` (the one a
   checkpoint holds) resumes every rank exactly.
 - Everything that can be wrong with the files is checked in `__init__` with a message that says
-  the fix (prepare command, vocab size, split length), except the token ids themselves: scanning
+  the fix (prepare command, tokenizer, vocab size, split length), except the token ids themselves: scanning
   a multi-GB file at every open would cost minutes, so each batch's ids are checked instead,
   which costs microseconds and covers exactly the data the model sees.
 - On CUDA, batches are copied from pinned memory with non_blocking=True, so the copy overlaps
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from data.errors import DataError
-from data.meta import read_meta, token_file_mismatch
+from data.meta import read_meta, token_file_mismatch, tokenizer_mismatch
+from data.tokenizer import Tokenizer
 
 __all__ = ["BatchLoader"]
 
@@ -38,6 +39,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         vocab_size: int | None = None,
+        tokenizer: Tokenizer | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -50,9 +52,11 @@ class BatchLoader:
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.device = torch.device(device)
         meta = read_meta(data_dir)
+        if tokenizer is not None and (mismatch := tokenizer_mismatch(data_dir, meta, tokenizer)):
+            raise DataError(mismatch)
         if vocab_size is not None and meta["vocab_size"] > vocab_size:
             raise DataError(
-                f"{data_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "
+                f"{data_dir} was tokenized with {meta['vocab_size']} ids but the "
                 f"model's vocab_size is {vocab_size}; use a matching tokenizer or model config"
             )
         self.vocab_size = meta["vocab_size"]  # the tokenizer's range, within the model's embedding (checked above)

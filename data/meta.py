@@ -4,7 +4,11 @@ Design choices:
 - meta.json is written last, atomically (temporary name, then rename), so its presence means
   train.bin and val.bin are complete; a dataset directory without it is not prepared.
 - Token files are raw little-endian arrays with no header, readable by `numpy.memmap`; the
-  dtype is the smallest unsigned type that holds every id (uint16 for GPT-2's 50,257 ids).
+  dtype is the smallest unsigned type that holds every id (uint16 for GPT-2's 50,257 ids,
+  uint32 for Gemma's 262,144).
+- `tokenizer` records the tokenizer's identity (see data/tokenizer.py) and where it came from;
+  training refuses a dataset whose tokenizer is not the model's, with the command that fixes it.
+  Older files that say just "gpt2" mean GPT-2.
 """
 
 import json
@@ -14,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
-from data.sources import KNOWN
+from data.sources import KNOWN, command_source
+from data.tokenizer import Tokenizer, describe, gpt2, identity_of, load_tokenizer
 
 REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
 
@@ -52,6 +57,44 @@ def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | N
     size = path.stat().st_size if path.is_file() else -1
     expected = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
     return None if size == expected else f"{path} has {size} bytes, meta.json says {expected}"
+
+
+def prepare_command(source: str, data_dir: str | Path, tokenizer: Tokenizer) -> str:
+    """The command that tokenizes `source` for `tokenizer` into a dataset named after both, and how to use it."""
+    if tokenizer.kind == "gpt2":
+        name, flag = f"{Path(data_dir).name}-gpt2", ""
+    else:
+        where = Path(tokenizer.origin)
+        name, flag = f"{Path(data_dir).name}-{(where.parent if where.suffix else where).name}", f" --tokenizer {where}"
+    return f"python data/prepare.py {source} --name {name}{flag} (then --dataset={name})"
+
+
+def tokenizer_mismatch(data_dir: str | Path, meta: dict, tokenizer: Tokenizer) -> str | None:
+    """Why the dataset was not tokenized by `tokenizer`, with the prepare command that fixes it; None if it was."""
+    identity = identity_of(meta["tokenizer"])
+    if identity == tokenizer.identity():
+        return None
+    origin = meta["tokenizer"].get("origin") if isinstance(meta["tokenizer"], dict) else None
+    return (
+        f"dataset {data_dir} was tokenized with {describe(identity, origin)}, but the model speaks {tokenizer}; "
+        f"tokenize it for the model: {prepare_command(command_source(meta['source']), data_dir, tokenizer)}"
+    )
+
+
+def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a dataset was prepared with, loaded again from where it came from."""
+    meta = read_meta(data_dir)
+    identity = identity_of(meta["tokenizer"])
+    if identity["kind"] == "gpt2":
+        return gpt2()
+    origin = meta["tokenizer"]["origin"]
+    tokenizer = load_tokenizer(origin)
+    if tokenizer.identity() != identity:
+        raise DataError(
+            f"dataset {data_dir} was tokenized with {describe(identity, origin)}, but {origin} now holds another "
+            f"tokenizer ({tokenizer}); rebuild the dataset with --force"
+        )
+    return tokenizer
 
 
 def write_meta(data_dir: Path, meta: dict) -> None:

@@ -1,13 +1,16 @@
 """Tokenize a text source into data/<name>/{train.bin,val.bin,meta.json}.
 
-    python data/prepare.py [SOURCE] [--name NAME] [--num-proc N] [--val-fraction F] [--force]
+    python data/prepare.py [SOURCE] [--name NAME] [--tokenizer PATH] [--num-proc N] [--val-fraction F] [--force]
 
 SOURCE: tinystories (default), pydocs, pystdlib, a Hugging Face dataset id, or local .txt/.jsonl
-files, globs or folders. Also usable as a library: `prepare(...)`, `ensure_prepared(...)`.
+files, globs or folders. --tokenizer: gpt2 (default), a tokenizer.json, or a Hugging Face model directory holding
+one (e.g. the official Gemma 3 270M's, to fine-tune it). Also usable as a library: `prepare(...)`,
+`ensure_prepared(...)`.
 
 Design choices:
-- Every document is followed by `<|endoftext|>`; token files are raw uint16 arrays (uint32 if a
-  tokenizer ever needs more ids) that `numpy.memmap` reads with no header.
+- Every document gets its tokenizer's separators (`<|endoftext|>` after it for GPT-2, `<bos>` before and `<eos>`
+  after for Gemma); token files are raw uint16 arrays (uint32 when the vocabulary needs it) that `numpy.memmap`
+  reads with no header.
 - Worker processes tokenize batches of about BATCH_CHARS characters; the parent writes their
   results to disk in order as they arrive. At most a few batches per worker are in flight, so
   memory stays bounded for corpora larger than RAM (Pool.imap would read its whole input ahead).
@@ -16,12 +19,12 @@ Design choices:
 - Crash safety: tokens go to `*.tmp` files renamed when complete, and meta.json, written last and
   atomically, marks a complete dataset. A rebuild deletes the old files first, so an interrupted
   run never leaves files that look valid.
-- Re-running is a no-op when meta.json records the same source description and tokenizer; an
+- Re-running is a no-op when meta.json records the same source description and tokenizer identity; an
   exclusive lock on the dataset directory makes concurrent callers (e.g. DDP ranks) wait for
   one build and then see it done.
 - Workers are forked where the OS can: they inherit the loaded tokenizer, and unlike spawn they
   never re-run the caller's script (a nanoGPT-style train.py has no `__main__` guard). They
-  only run tiktoken, so forking a training process that already uses CUDA is safe.
+  only run the tokenizer, so forking a training process that already uses CUDA is safe.
 """
 
 import sys
@@ -45,25 +48,29 @@ from tqdm import tqdm
 
 from data import sources
 from data.errors import DataError
-from data.meta import read_meta, token_dtype, token_file_mismatch, write_meta
-from data.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
-from data.tokenizer import NAME as TOKENIZER
+from data.meta import prepare_command, read_meta, token_dtype, token_file_mismatch, write_meta
+from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
 BATCH_CHARS = 1 << 20  # big enough that the pool's per-task cost (~1 ms in the parent) is noise
-DTYPE = token_dtype(VOCAB_SIZE)
+
+_tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
+
+
+def _use_tokenizer(tokenizer: Tokenizer) -> None:
+    global _tokenizer
+    _tokenizer = tokenizer
 
 
 def tokenize_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token arrays (train, val) for (text, is_val) documents, each followed by `<|endoftext|>`."""
-    enc = get_tokenizer()
+    """Token arrays (train, val) for (text, is_val) documents, each with its tokenizer's separators."""
     ids: tuple[list[int], list[int]] = ([], [])
     for text, is_val in batch:
-        # One encode per document on one thread: encode_ordinary_batch would start its own
-        # threads inside every worker and oversubscribe the cores.
-        ids[is_val].extend(enc.encode_ordinary(text))
-        ids[is_val].append(EOT_ID)
-    return np.array(ids[0], dtype=DTYPE), np.array(ids[1], dtype=DTYPE)
+        # One encode per document on one thread: batch encoders would start their own threads
+        # inside every worker and oversubscribe the cores.
+        ids[is_val].extend(_tokenizer.document_ids(text))
+    dtype = token_dtype(_tokenizer.vocab_size)
+    return np.array(ids[0], dtype=dtype), np.array(ids[1], dtype=dtype)
 
 
 def document_batches(source: sources.Source, val_fraction: float, seed: int) -> Iterator[list[tuple[str, bool]]]:
@@ -83,14 +90,18 @@ def document_batches(source: sources.Source, val_fraction: float, seed: int) -> 
         yield batch
 
 
-def tokenize_stream(batches: Iterator[list], num_proc: int) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+def tokenize_stream(
+    batches: Iterator[list], num_proc: int, tokenizer: Tokenizer
+) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
     """(documents, tokens) per batch, in input order, with at most 4 * num_proc batches in flight."""
+    _use_tokenizer(tokenizer)
     if num_proc == 1:
         for batch in batches:
             yield len(batch), tokenize_batch(batch)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(num_proc) as pool:
+    # Forked workers get the tokenizer without pickling it (Gemma's tokenizer.json is 33 MB).
+    with multiprocessing.get_context(method).Pool(num_proc, _use_tokenizer, (tokenizer,)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append((len(batch), pool.apply_async(tokenize_batch, (batch,))))
@@ -103,12 +114,12 @@ def tokenize_stream(batches: Iterator[list], num_proc: int) -> Iterator[tuple[in
             yield n, result.get()
 
 
-def _is_current(out_dir: Path, description: dict) -> bool:
+def _is_current(out_dir: Path, description: dict, tokenizer: Tokenizer) -> bool:
     try:
         meta = read_meta(out_dir)
     except DataError:
         return False
-    if meta["source"] != description or meta["tokenizer"] != TOKENIZER:
+    if meta["source"] != description or identity_of(meta["tokenizer"]) != tokenizer.identity():
         return False
     return all(token_file_mismatch(out_dir, meta, split) is None for split in ("train", "val"))
 
@@ -117,6 +128,7 @@ def prepare(
     source: str = "tinystories",
     name: str | None = None,
     *,
+    tokenizer: str | Path | Tokenizer = "gpt2",
     data_root: str | Path = DATA_ROOT,
     num_proc: int | None = None,
     val_fraction: float | None = None,
@@ -133,6 +145,8 @@ def prepare(
     name = name or sources.default_name(source)
     if not name or name != Path(name).name or name.startswith("."):
         raise DataError(f"invalid dataset name {name!r}: use a plain directory name")
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
     src = sources.resolve(source, text_field, split, val_split, config, streaming)
     description = dict(src.description)
     has_val = description.get("val_split") is not None
@@ -145,20 +159,27 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and _is_current(out_dir, description):
-            print(f"{out_dir} is already prepared from this source; nothing to do (--force rebuilds)")
+        if not force and _is_current(out_dir, description, tokenizer):
+            print(f"{out_dir} is already prepared from this source with {tokenizer}; nothing to do (--force rebuilds)")
             return out_dir
-        _build(src, description, out_dir, num_proc or os.cpu_count() or 1, val_fraction or 0.0, seed, progress)
+        num_proc = num_proc or os.cpu_count() or 1
+        _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)
     return out_dir
 
 
 def _build(
-    src: sources.Source, description: dict, out_dir: Path, num_proc: int, val_fraction: float, seed: int, progress: bool
+    src: sources.Source,
+    description: dict,
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    num_proc: int,
+    val_fraction: float,
+    seed: int,
+    progress: bool,
 ) -> None:
     # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
     for f in ("meta.json", "train.bin", "val.bin"):
         (out_dir / f).unlink(missing_ok=True)
-    get_tokenizer()  # fail early on a missing tokenizer, and let forked workers inherit it
     tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
     counts = {"train_tokens": 0, "val_tokens": 0}
     docs = 0
@@ -166,7 +187,7 @@ def _build(
     files = {split: open(path, "wb") for split, path in tmp.items()}
     bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress, smoothing=0)
     try:
-        for n, (train, val) in tokenize_stream(document_batches(src, val_fraction, seed), num_proc):
+        for n, (train, val) in tokenize_stream(document_batches(src, val_fraction, seed), num_proc, tokenizer):
             train.tofile(files["train"])
             val.tofile(files["val"])
             counts["train_tokens"] += len(train)
@@ -191,26 +212,31 @@ def _build(
             f.close()
             tmp[split].unlink(missing_ok=True)
         raise
+    separators = (
+        "<|endoftext|> after every document"
+        if tokenizer.bos_id is None
+        else f"bos ({tokenizer.bos_id}) before and eos ({tokenizer.eos_id}) after every document"
+    )
     meta = {
-        "tokenizer": TOKENIZER,
-        "vocab_size": VOCAB_SIZE,
-        "eot_token": EOT_ID,
-        "dtype": DTYPE.name,
+        "tokenizer": {**tokenizer.identity(), "origin": tokenizer.origin},
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
         **counts,
         "documents": docs,
         "source": description,
-        "format": "raw little-endian token ids, <|endoftext|> after every document",
+        "format": f"raw little-endian token ids, {separators}",
     }
     write_meta(out_dir, meta)
     seconds = time.perf_counter() - start
     print(
         f"{out_dir}: {counts['train_tokens']:,} train + {counts['val_tokens']:,} val tokens"
-        f" from {docs:,} documents in {seconds:.1f}s"
+        f" from {docs:,} documents in {seconds:.1f}s, tokenizer {tokenizer}"
     )
 
 
-def ensure_prepared(dataset: str, data_root: str | Path = DATA_ROOT) -> Path:
-    """`data_root/dataset`, preparing the known corpora (tinystories, pydocs, pystdlib) if not complete.
+def ensure_prepared(dataset: str, tokenizer: Tokenizer, data_root: str | Path = DATA_ROOT) -> Path:
+    """`data_root/dataset`, preparing the known corpora (tinystories, pydocs, pystdlib) if not complete. They are
+    prepared with GPT-2 only, so that data/pydocs always means the demo's data; other tokenizers name their own.
 
     Call it on one process (e.g. DDP rank 0) before the others open the data; concurrent callers
     are safe, since they wait on the dataset's lock, but each would re-check the source.
@@ -221,6 +247,11 @@ def ensure_prepared(dataset: str, data_root: str | Path = DATA_ROOT) -> Path:
     except DataError:
         if dataset not in sources.KNOWN:
             raise  # the "not prepared; run: python data/prepare.py …" error
+        if tokenizer.kind != "gpt2":
+            command = prepare_command(dataset, data_dir, tokenizer)
+            raise DataError(
+                f"dataset {data_dir} is not prepared and the model speaks {tokenizer}: run {command}"
+            ) from None
         return prepare(dataset, data_root=data_root)
     # Complete datasets are used as they are: a user may have prepared them with other options.
     return data_dir
@@ -232,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         "source", nargs="?", default="tinystories", help="tinystories, pydocs, pystdlib, HF id, or files"
     )
     parser.add_argument("--name", help="output directory data/<name>/ (default: from the source)")
+    parser.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2 (default), a tokenizer.json, or a Hugging Face model directory"
+    )
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
     parser.add_argument(
         "--val-fraction",
@@ -251,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(
             args.source,
             args.name,
+            tokenizer=args.tokenizer,
             data_root=args.data_root,
             num_proc=max(1, args.num_proc),
             val_fraction=args.val_fraction,

@@ -19,13 +19,14 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import sysconfig
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import DataError
-from data.tokenizer import host_reachable
 
 KNOWN = ("tinystories", "pydocs", "pystdlib")  # built-in corpora: data/<name>/ is prepared on first use
 OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pystdlib)"
@@ -59,6 +60,26 @@ def resolve(
     return huggingface(source, text_field, split, val_split, config, streaming)
 
 
+def host_reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to host opens within timeout seconds."""
+
+    # DNS resolution ignores socket timeouts and can block for much longer, so the probe runs
+    # in a daemon thread that is abandoned if it has not answered in time.
+    result = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
 def default_name(source: str) -> str:
     """The dataset directory name for a source: `data/<name>/`."""
     if source in KNOWN:
@@ -69,6 +90,17 @@ def default_name(source: str) -> str:
             path = path.parent
         return (path.stem if path.suffix in (".txt", ".jsonl") else path.name).lower() or "local"
     return source.split("/")[-1].lower()
+
+
+def command_source(description: dict) -> str:
+    """The SOURCE argument of `python data/prepare.py` that rebuilds a source with this description."""
+    kind = description.get("kind")
+    if kind == "files":
+        return description["pattern"]
+    if kind == "huggingface":
+        tinystories = description["dataset"] == "roneneldan/TinyStories" and description["val_split"] == "validation"
+        return "tinystories" if tinystories else description["dataset"]
+    return kind or "SOURCE"
 
 
 def _looks_local(source: str) -> bool:

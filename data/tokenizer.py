@@ -1,130 +1,235 @@
-"""The GPT-2 tokenizer (tiktoken's r50k_base: 50,257 ids, `<|endoftext|>` = 50256), offline.
+"""Tokenizers behind one small interface: GPT-2 (tiktoken, the default) or a Hugging Face `tokenizer.json`.
+
+    load_tokenizer("gpt2")                         # GPT-2's 50,257 ids, from the ranks shipped in data/assets/
+    load_tokenizer("path/to/gemma-3-270m")         # a model directory's tokenizer.json (or the file itself)
+    tokenizer_from_record(checkpoint["tokenizer"]) # the tokenizer a checkpoint carries
 
 Design choices:
-- tiktoken does the BPE; this module only finds its ranks file. tiktoken alone would download
-  it on first use and, without network, retry for a long time; training machines, CI and
-  air-gapped clusters often have no network.
-- Where the ranks come from, first match wins, and none of the first three touches the network:
-  1. `GPT2_TIKTOKEN_FILE`, when set: an explicit choice beats anything found implicitly;
-  2. tiktoken's own cache, when an earlier run on this machine downloaded r50k_base;
-  3. the copy inside the `openai-whisper` sdist (`pip install --no-deps openai-whisper==20250625`),
-     found with `importlib.util.find_spec` because importing whisper needs its heavy deps;
-  4. tiktoken's download, only if its host answers a 2 s connection probe.
-- Every file is checked against the sha256 tiktoken pins for r50k_base, so a wrong or corrupted
-  file is an error naming the file, never a silently different tokenizer.
-- Text is encoded as ordinary text: a user string "<|endoftext|>" becomes ordinary tokens, so only
-  the pipeline itself inserts the document separator.
+- GPT-2's BPE ranks ship with the repository (`data/assets/gpt2.tiktoken`, see its README for origin and license)
+  and are sha256-checked against the hash tiktoken pins for r50k_base: no network, no download, no cache, and a
+  damaged file is an error naming it, never a silently different tokenizer.
+- A Hugging Face tokenizer is the `tokenizers` library's `tokenizer.json`. Its bos/eos tokens come from
+  `tokenizer_config.json` beside it (as transformers reads them), else from the usual names (`<bos>`, `<eos>`...).
+- The identity of a tokenizer is (kind, vocab size, sha256 of its file, bos and eos ids): datasets record it in
+  meta.json, checkpoints with the whole file, and two tokenizers are the same when their identities are equal.
+- Text is encoded as ordinary text: a user string such as "<|endoftext|>" or "<eos>" becomes ordinary tokens, so
+  only the pipeline inserts control tokens. Documents get the separators the tokenizer's models were trained with:
+  `[bos] + text + [eos]`, which is text + `<|endoftext|>` for GPT-2 (no bos) and `<bos>` text `<eos>` for Gemma.
+- `vocab_size` is one more than the largest id encoding can produce: special tokens past the base vocabulary
+  that ordinary text never yields (Gemma's image token) do not count, so they need no embedding row.
 """
 
+import base64
 import functools
 import hashlib
-import importlib.util
-import os
-import socket
-import tempfile
-import threading
+import json
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from data.errors import DataError
 
-NAME = "gpt2"
-VOCAB_SIZE = 50257
-EOT_ID = 50256
-EOT = "<|endoftext|>"
-RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-SETUP_HINT = (
-    "run `pip install --no-deps openai-whisper==20250625` (it ships the GPT-2 ranks) "
-    f"or set GPT2_TIKTOKEN_FILE to a copy of r50k_base.tiktoken (sha256 {RANKS_SHA256})"
-)
+GPT2_RANKS = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base pin
+GPT2_EOT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+IDENTITY_KEYS = ("kind", "vocab_size", "sha256", "bos_id", "eos_id")
+GPT2_IDENTITY = {"kind": "gpt2", "vocab_size": GPT2_EOT_ID + 1, "sha256": GPT2_RANKS_SHA256, "bos_id": None,
+                 "eos_id": GPT2_EOT_ID}  # fmt: skip
+BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>")
+EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+USAGE = "use gpt2, a tokenizer.json, or a Hugging Face model directory that holds one"
 
 
-def host_reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to host opens within timeout seconds."""
+class Tokenizer:
+    """What prepare, training, sampling and export need of a tokenizer; see GPT2Tokenizer and HFTokenizer."""
 
-    # DNS resolution ignores socket timeouts and can block for much longer, so the probe runs
-    # in a daemon thread that is abandoned if it has not answered in time.
-    result = []
+    kind: str
+    vocab_size: int
+    sha256: str
+    bos_id: int | None  # prepended to every document and prompt, when the tokenizer has one
+    eos_id: int  # appended to every document
+    stop_ids: frozenset[int]  # generation stops at any of these
+    origin: str  # what it was loaded from: "gpt2" or a path, for messages and fix commands
 
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
 
+    def identity(self) -> dict:
+        """What makes two tokenizers the same: meta.json and checkpoints record it."""
+        return {key: getattr(self, key) for key in IDENTITY_KEYS}
 
-def _tiktoken_cache_file() -> Path | None:
-    # Mirrors tiktoken.load.read_file_cached, which keys its cache by the sha1 of the URL.
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
-    elif "DATA_GYM_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
-    else:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    if cache_dir == "":  # tiktoken's switch for "no cache"
-        return None
-    return Path(cache_dir) / hashlib.sha1(RANKS_URL.encode()).hexdigest()
+    def record(self) -> dict:
+        """The identity plus what rebuilds the tokenizer anywhere: what a checkpoint stores."""
+        return {**self.identity(), "origin": self.origin, "stop_ids": sorted(self.stop_ids)}
 
+    def document_ids(self, text: str) -> list[int]:
+        """A document's ids with its separators, as a dataset stores it."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text) + [self.eos_id]
 
-def _whisper_ranks_file() -> Path | None:
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "assets" / "gpt2.tiktoken"
-    return path if path.is_file() else None
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's ids, starting like a document; an empty GPT-2 prompt starts after an `<|endoftext|>`."""
+        if self.bos_id is not None:
+            return [self.bos_id] + self.encode(text)
+        return self.encode(text) or [self.eos_id]
+
+    def __str__(self) -> str:
+        return describe(self.identity(), self.origin)
 
 
-def _sha256_ok(path: Path) -> bool:
-    return hashlib.sha256(path.read_bytes()).hexdigest() == RANKS_SHA256
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (tiktoken's r50k_base), from the shipped ranks file."""
 
+    origin, stop_ids = "gpt2", frozenset({GPT2_EOT_ID})
 
-def _encoding_from_file(path: Path) -> tiktoken.Encoding:
-    if not _sha256_ok(path):
-        raise DataError(
-            f"GPT-2 ranks file {path} has the wrong sha256 (expected {RANKS_SHA256}); "
-            f"it is corrupted or not r50k_base: replace it, or {SETUP_HINT}"
+    def __init__(self) -> None:
+        for key, value in GPT2_IDENTITY.items():
+            setattr(self, key, value)
+        data = GPT2_RANKS.read_bytes() if GPT2_RANKS.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+            raise DataError(
+                f"{GPT2_RANKS} is missing or damaged (sha256 is not r50k_base's {GPT2_RANKS_SHA256}); "
+                "restore it with: git checkout -- data/assets/gpt2.tiktoken"
+            )
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
+        self.encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=r50k_pat_str,
+            mergeable_ranks=ranks,
+            special_tokens={GPT2_EOT: GPT2_EOT_ID},
+            explicit_n_vocab=self.vocab_size,
         )
-    return tiktoken.Encoding(
-        name=NAME,
-        pat_str=r50k_pat_str,
-        mergeable_ranks=load_tiktoken_bpe(str(path), RANKS_SHA256),
-        special_tokens={EOT: EOT_ID},
-        explicit_n_vocab=VOCAB_SIZE,
-    )
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (the official Gemma 3's, or any other), through the `tokenizers` library."""
+
+    kind = "huggingface"
+
+    def __init__(
+        self, json_text: str, origin: str, special: dict | None = None, config_text: str | None = None
+    ) -> None:
+        """`special`: bos_id, eos_id and stop_ids as recorded, else read from the files beside `origin`;
+        `config_text`: the tokenizer_config.json that came with it (its chat template, ...), kept for export."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            self.backend = RustTokenizer.from_str(json_text)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise DataError(f"{origin} is not a tokenizer.json the tokenizers library reads ({e}); {USAGE}") from None
+        self.backend.encode_special_tokens = True  # special-token strings in text stay text
+        self.json_text, self.origin, self.config_text = json_text, origin, config_text
+        self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()
+        special = special or _special_ids_beside(self.backend, Path(origin))
+        self.bos_id, self.eos_id = special["bos_id"], special["eos_id"]
+        self.stop_ids = frozenset(special["stop_ids"]) | {self.eos_id}
+        emitted = [i for i, t in self.backend.get_added_tokens_decoder().items() if not t.special]
+        base = self.backend.get_vocab_size(with_added_tokens=False)
+        self.vocab_size = max(base - 1, self.eos_id, self.bos_id or 0, *emitted) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def record(self) -> dict:
+        return {**super().record(), "tokenizer_json": self.json_text, "tokenizer_config": self.config_text}
+
+
+def _token_name(value) -> str | None:
+    """A token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _ids(value) -> set[int]:
+    return set() if value is None else {value} if isinstance(value, int) else set(value)
+
+
+def _special_ids_beside(backend, path: Path) -> dict:
+    """bos / eos / stop ids from tokenizer_config.json, config.json and generation_config.json next to `path`."""
+    directory = path if path.is_dir() else path.parent
+    configs = {}
+    for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        try:
+            configs[name] = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            configs[name] = {}
+
+    def find(key: str, names: tuple[str, ...]) -> int | None:
+        for name in (_token_name(configs["tokenizer_config.json"].get(key)), *names):
+            if name is not None and backend.token_to_id(name) is not None:
+                return backend.token_to_id(name)
+        return None
+
+    eos_id = find("eos_token", EOS_NAMES)
+    if eos_id is None:
+        raise DataError(
+            f"{path}: cannot tell the tokenizer's end-of-sequence token; put a tokenizer_config.json with "
+            f'"eos_token" beside it (or give the tokenizer one of {", ".join(EOS_NAMES)})'
+        )
+    stop_ids = {eos_id} | _ids(configs["config.json"].get("eos_token_id"))
+    stop_ids |= _ids(configs["generation_config.json"].get("eos_token_id"))
+    return {"bos_id": find("bos_token", BOS_NAMES), "eos_id": eos_id, "stop_ids": sorted(stop_ids)}
 
 
 @functools.cache
-def get_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding; raises DataError saying how to fix it when no ranks can be found."""
-    if explicit := os.environ.get("GPT2_TIKTOKEN_FILE"):
-        if not Path(explicit).is_file():
-            raise DataError(f"GPT2_TIKTOKEN_FILE={explicit} does not exist; {SETUP_HINT}")
-        return _encoding_from_file(Path(explicit))
-    cached = _tiktoken_cache_file()
-    if cached is not None and cached.is_file() and _sha256_ok(cached):
-        return tiktoken.get_encoding("r50k_base")
-    if bundled := _whisper_ranks_file():
-        return _encoding_from_file(bundled)
-    if host_reachable(RANKS_URL.split("/")[2]):
-        return tiktoken.get_encoding("r50k_base")
-    raise DataError(f"no GPT-2 tokenizer ranks on this machine and no network to fetch them: {SETUP_HINT}")
+def gpt2() -> GPT2Tokenizer:
+    """The GPT-2 tokenizer, loaded once per process."""
+    return GPT2Tokenizer()
 
 
-def encode(text: str) -> list[int]:
-    """GPT-2 ids of text; special-token strings in it are encoded as ordinary text."""
-    return get_tokenizer().encode_ordinary(text)
+def load_tokenizer(spec: str | Path = "gpt2") -> Tokenizer:
+    """`gpt2`, a `tokenizer.json`, or a directory holding one; a DataError naming the problem otherwise."""
+    if str(spec) == "gpt2":
+        return gpt2()
+    path = Path(spec)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not path.exists():
+        raise DataError(f"tokenizer {path} does not exist; {USAGE}")
+    if not file.is_file():
+        raise DataError(f"{path} holds no tokenizer.json; {USAGE}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{file} is not a tokenizer.json ({e}); {USAGE}") from None
+    config_file = file.parent / "tokenizer_config.json"
+    config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
+    return HFTokenizer(text, str(path), config_text=config_text)
 
 
-def decode(ids: list[int]) -> str:
-    """Text of GPT-2 ids (`<|endoftext|>` for id 50256)."""
-    return get_tokenizer().decode(ids)
+def tokenizer_from_record(record: dict | str | None) -> Tokenizer:
+    """The tokenizer a checkpoint or meta.json records; older files that name none (or "gpt2") mean GPT-2."""
+    if record is None or record == "gpt2" or (isinstance(record, dict) and record.get("kind") == "gpt2"):
+        return gpt2()
+    if not isinstance(record, dict) or "tokenizer_json" not in record:
+        raise DataError(f"unknown tokenizer record {str(record)[:80]!r}: expected gpt2 or a tokenizer.json")
+    tokenizer = HFTokenizer(record["tokenizer_json"], record["origin"], record, record.get("tokenizer_config"))
+    if tokenizer.identity() != {key: record[key] for key in IDENTITY_KEYS}:
+        raise DataError(f"the recorded tokenizer from {record['origin']} does not rebuild to the recorded identity")
+    return tokenizer
+
+
+def identity_of(record: dict | str | None) -> dict:
+    """The identity in a meta.json or checkpoint record; older files that name none (or "gpt2") mean GPT-2."""
+    if record is None or record == "gpt2":
+        return dict(GPT2_IDENTITY)
+    return {key: record.get(key) for key in IDENTITY_KEYS}
+
+
+def describe(identity: dict, origin: str | None = None) -> str:
+    """A one-phrase name for messages: "gpt2" or "tokenizer.json <sha> (N ids, from ORIGIN)"."""
+    if identity["kind"] == "gpt2":
+        return "gpt2"
+    where = f", from {origin}" if origin else ""
+    return f"tokenizer.json {identity['sha256'][:12]} ({identity['vocab_size']:,} ids{where})"

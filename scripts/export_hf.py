@@ -1,12 +1,14 @@
-"""Export a trained checkpoint as a Hugging Face Gemma 3 directory, tokenizer included.
+"""Export a trained checkpoint as a Hugging Face Gemma 3 directory, with the model's own tokenizer.
 
     python scripts/export_hf.py --ckpt checkpoints/run --out exported/ [--dtype bfloat16]
 
 The directory loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` (a `Gemma3ForCausalLM`) and
-`AutoTokenizer.from_pretrained(out)` (GPT-2's BPE, equal to tiktoken's ids), and with `sample.py --hf-dir out`.
+`AutoTokenizer.from_pretrained(out)` (the tokenizer the checkpoint carries: GPT-2's BPE, equal to tiktoken's ids,
+or the Hugging Face tokenizer it was fine-tuned with), and with `sample.py --hf-dir out`.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,13 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere in the repo
 
-from architecture import ConfigError  # noqa: E402
+from architecture import ConfigError, WeightsError  # noqa: E402
 from architecture.config import DTYPES  # noqa: E402
-from architecture.hf_export import export_hf, write_gpt2_tokenizer  # noqa: E402
+from architecture.hf_export import export_hf, export_tokenizer  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
-from sample import SampleError, load_checkpoint_model  # noqa: E402
-from training.checkpoint import CheckpointError  # noqa: E402
+from training.checkpoint import CheckpointError, load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,17 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported tensors")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
-        out = Path(args.out)
         if out.exists() and not out.is_dir():
-            raise SampleError(f"--out {out} exists and is not a directory")
-        model, _ = load_checkpoint_model(args.ckpt)
-        export_hf(model, out, getattr(torch, args.dtype), bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID)
-        write_gpt2_tokenizer(get_tokenizer(), out, model.config.context_length)
-    except (SampleError, CheckpointError, ConfigError, DataError) as e:
+            raise CheckpointError(f"--out {out} exists and is not a directory")
+        model, tokenizer = load_model(args.ckpt)
+    except (CheckpointError, ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out}: config.json, model.safetensors ({args.dtype}), tokenizer.json, vocab.json, merges.txt")
+    bos_id = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id  # GPT-2 starts from end-of-text
+    special = dict(bos_token_id=bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)
+    export_hf(model, out, getattr(torch, args.dtype), **special)
+    generation = {**special, "eos_token_id": sorted(tokenizer.stop_ids)}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    export_tokenizer(tokenizer, out, model.config.context_length)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out} ({args.dtype}, tokenizer {tokenizer}): {files}")
 
 
 if __name__ == "__main__":

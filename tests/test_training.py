@@ -251,7 +251,7 @@ def test_wandb_offline_and_loss_plot(tmp_path):
 
 
 def test_offline_dataset_fails_fast_with_the_data_message(tmp_path):
-    from data.tokenizer import host_reachable
+    from data.sources import host_reachable
 
     if host_reachable("huggingface.co"):
         pytest.skip("the Hugging Face hub is reachable from here")

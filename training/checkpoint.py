@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe reads, and finding a run's checkpoint.
+"""Checkpoints: atomic writes, safe reads, finding a run's checkpoint, and loading any model with its tokenizer.
 
 Design choices:
 - A checkpoint is one `torch.save` dict of tensors and plain values (see `CHECKPOINT_KEYS`), read back with
@@ -6,6 +6,11 @@ Design choices:
 - Writes go to `<name>.tmp` in the same directory, are flushed and fsynced, then renamed over the old file: a crash
   mid-write leaves the previous checkpoint intact, never a truncated one under the real name.
 - Every failure to read (missing, truncated, not a checkpoint) is a `CheckpointError` that names the file.
+- A checkpoint carries its tokenizer (`Tokenizer.record()`: the identity and, for a Hugging Face tokenizer, the
+  whole tokenizer.json), so a run directory is self-contained. Checkpoints from before that record say "gpt2" or
+  nothing, which means GPT-2.
+- `load_model` is the one owner of "a model and its tokenizer", for a checkpoint, a run directory or a Hugging
+  Face directory: sample.py, the export scripts and the benchmarks all go through it.
 """
 
 import os
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 
 from architecture import Gemma3Model, ModelConfig
+from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 
 FORMAT_VERSION = 1
 # What train.py writes. sample.py needs only "model", "model_config" and "tokenizer".
@@ -23,7 +29,7 @@ CHECKPOINT_KEYS = (
     "model",  # state_dict of float32 tensors (a tied head appears under both names, same values)
     "model_config",  # ModelConfig.to_dict()
     "training_config",  # TrainingConfig.to_dict()
-    "tokenizer",  # "gpt2"
+    "tokenizer",  # Tokenizer.record(): identity, origin, stop ids and, for Hugging Face ones, tokenizer.json
     "iter_num",  # optimizer updates done
     "best_val_loss",  # float
     "optimizer",  # AdamW state_dict
@@ -102,3 +108,32 @@ def model_from_checkpoint(state: dict[str, Any], file: str | Path) -> Gemma3Mode
         raise CheckpointError(f"{file}: model_config disagrees with the weights: {'; '.join(problems[:3])}{more}")
     model.load_state_dict(weights)
     return model
+
+
+def check_tokenizer_fits(model: Gemma3Model, tokenizer: Tokenizer, where: str | Path) -> None:
+    """Refuse a tokenizer that emits ids past the model's embedding."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{where}: the model's vocab_size is {model.config.vocab_size} but its tokenizer ({tokenizer}) has "
+            f"{tokenizer.vocab_size:,} tokens; the model cannot read this tokenizer's ids"
+        )
+
+
+def load_model(path: str | Path) -> tuple[Gemma3Model, Tokenizer]:
+    """The model and tokenizer of a checkpoint file, a run directory (best.pt, else latest.pt), or a Hugging Face
+    directory (config.json, safetensors and tokenizer.json)."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json, so the model's tokenizer is unknown; copy in the one it "
+                                  "was trained with")  # fmt: skip
+        tokenizer = load_tokenizer(path)
+        model = Gemma3Model.from_hf(str(path))
+        where = path
+    else:
+        where = find_checkpoint(path)
+        state = load_checkpoint(where)
+        model = model_from_checkpoint(state, where)
+        tokenizer = tokenizer_from_record(state.get("tokenizer"))
+    check_tokenizer_fits(model, tokenizer, where)
+    return model, tokenizer

@@ -27,7 +27,7 @@ class TrainingConfig(CheckedConfig):
     model_config: str = "config/model_config.json"  # model JSON, relative to the repository root
     dataset: str = "tinystories"  # data/<dataset>/, prepared on first use if it is a known source
     out_dir: str = "checkpoints/tinystories"  # latest.pt, best.pt, metrics.jsonl, config.json go here
-    init_from: str = "scratch"  # "scratch", "resume" (out_dir/latest.pt) or a Hugging Face Gemma 3 directory
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/latest.pt), a Hugging Face Gemma 3 directory or hub id
 
     batch_size: int = 32  # sequences per micro-batch, per process
     block_size: int = 128  # tokens per sequence

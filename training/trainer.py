@@ -33,10 +33,13 @@ from tqdm import tqdm
 
 from architecture import Gemma3Model, ModelConfig
 from architecture.config import ConfigError
+from architecture.hf_weights import hub_snapshot
 from data.loader import BatchLoader
+from data.meta import dataset_tokenizer
 from data.prepare import DATA_ROOT, ensure_prepared
+from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_record
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import check_tokenizer_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import REPO_ROOT, TrainingConfig
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .metrics import MetricsLog, flops_per_token, peak_flops
@@ -61,18 +64,26 @@ def resolve_device(config: TrainingConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def build_model(config: TrainingConfig) -> tuple[Gemma3Model, dict | None]:
-    """The model to train and, when resuming, the checkpoint it came from."""
+def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, dict | None]:
+    """The model to train, the tokenizer it speaks (None from scratch: the dataset's) and, when resuming, the
+    checkpoint it came from."""
     if config.init_from == "resume":
         path = Path(config.out_dir) / "latest.pt"
         checkpoint = load_checkpoint(path)
-        return model_from_checkpoint(checkpoint, path), checkpoint
+        return model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer")), checkpoint
     if config.init_from == "scratch":
-        return Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config)), None
-    if Path(config.init_from).is_dir():
-        return Gemma3Model.from_hf(config.init_from), None
+        return Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config)), None, None
+    directory = Path(config.init_from)
+    if not directory.exists() and config.init_from.count("/") == 1:  # a hub id such as google/gemma-3-270m
+        directory = hub_snapshot(config.init_from)
+    if (directory / "config.json").is_file():
+        if not (directory / "tokenizer.json").is_file():
+            raise ConfigError(f"{config.source}: init_from {directory} has no tokenizer.json, so the model's "
+                              "tokenizer is unknown; copy in the one it was trained with")  # fmt: skip
+        return Gemma3Model.from_hf(str(directory)), load_tokenizer(directory), None
     raise ConfigError(
-        f"{config.source}: 'init_from' is '{config.init_from}'; use scratch, resume, or a Hugging Face directory"
+        f"{config.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model directory "
+        "(config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
     )
 
 
@@ -135,7 +146,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
 
     # Model and data. The dataset is prepared by rank 0 alone, while the others wait at the barrier.
     torch.manual_seed(config.seed)
-    model, checkpoint = build_model(config)
+    model, tokenizer, checkpoint = build_model(config)
     model_config = model.config
     if config.block_size > model_config.context_length:
         raise ConfigError(
@@ -143,11 +154,15 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
             f"context_length ({model_config.context_length})"
         )
     if world.is_master:
-        ensure_prepared(config.dataset)
+        ensure_prepared(config.dataset, tokenizer or gpt2())
     if world.enabled:
         dist.barrier()
+    # A model trained from scratch speaks its dataset's tokenizer; any other must match the dataset's (the loader
+    # checks), and fit the embedding.
+    tokenizer = tokenizer or dataset_tokenizer(DATA_ROOT / config.dataset)
+    check_tokenizer_fits(model, tokenizer, config.source)
     loader_args = dict(data_dir=DATA_ROOT / config.dataset, batch_size=config.batch_size,
-                       block_size=config.block_size, device=device, vocab_size=model_config.vocab_size)  # fmt: skip
+                       block_size=config.block_size, device=device, tokenizer=tokenizer)  # fmt: skip
     train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
                                **loader_args)  # fmt: skip
 
@@ -212,7 +227,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         rng = {"torch": torch.get_rng_state()}  # the batches have their own generator (in "loader")
         return {
             "model": raw_model.state_dict(), "model_config": model_config.to_dict(),
-            "training_config": config.to_dict(), "tokenizer": "gpt2", "iter_num": iter_num,
+            "training_config": config.to_dict(), "tokenizer": tokenizer.record(), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict(), "rng": rng,
             "loader": train_loader.state_dict(),
         }  # fmt: skip
