@@ -9,7 +9,9 @@ Design choices:
   and are sha256-checked against the hash tiktoken pins for r50k_base: no network, no download, no cache, and a
   damaged file is an error naming it, never a silently different tokenizer.
 - A Hugging Face tokenizer is the `tokenizers` library's `tokenizer.json`. Its bos/eos tokens come from
-  `tokenizer_config.json` beside it (as transformers reads them), else from the usual names (`<bos>`, `<eos>`...).
+  `tokenizer_config.json` beside it (as transformers reads them), else from the usual names (`<bos>`, `<eos>`...),
+  else (eos) from the model's config.json; generation also stops at the model's other eos ids (Gemma's
+  `<end_of_turn>`).
 - The identity of a tokenizer is (kind, vocab size, sha256 of its file, bos and eos ids): datasets record it in
   meta.json, checkpoints with the whole file, and two tokenizers are the same when their identities are equal.
 - Text is encoded as ordinary text: a user string such as "<|endoftext|>" or "<eos>" becomes ordinary tokens, so
@@ -172,14 +174,16 @@ def _special_ids_beside(backend, path: Path) -> dict:
                 return backend.token_to_id(name)
         return None
 
+    model_eos = [_ids(configs[name].get("eos_token_id")) for name in ("config.json", "generation_config.json")]
     eos_id = find("eos_token", EOS_NAMES)
+    if eos_id is None and any(model_eos):
+        eos_id = min(next(ids for ids in model_eos if ids))
     if eos_id is None:
         raise DataError(
             f"{path}: cannot tell the tokenizer's end-of-sequence token; put a tokenizer_config.json with "
             f'"eos_token" beside it (or give the tokenizer one of {", ".join(EOS_NAMES)})'
         )
-    stop_ids = {eos_id} | _ids(configs["config.json"].get("eos_token_id"))
-    stop_ids |= _ids(configs["generation_config.json"].get("eos_token_id"))
+    stop_ids = {eos_id}.union(*model_eos)
     return {"bos_id": find("bos_token", BOS_NAMES), "eos_id": eos_id, "stop_ids": sorted(stop_ids)}
 
 

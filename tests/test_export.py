@@ -1,5 +1,6 @@
 """Hugging Face export: transformers loads it and computes the same logits; our loader reads back the same tensors."""
 
+import os
 import subprocess
 import sys
 
@@ -9,11 +10,16 @@ from hf_reference import tiny_config
 from test_sample_cli import TEXT, gpt2_config, trained_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import sample
 from architecture import Gemma3Model
 from architecture.hf_export import export_hf
-from data.tokenizer import encode, get_tokenizer
-from training.checkpoint import save_checkpoint
+from data.tokenizer import gpt2
+from training.checkpoint import load_model, save_checkpoint
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def random_model(config) -> Gemma3Model:
@@ -57,20 +63,22 @@ def test_export_script_writes_model_and_gpt2_tokenizer(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = TEXT + "Ünïcödé, 日本語, emoji 🚀, numbers 12345 and   spaces\n\n\tdef f(x):\n    return x**2"
-    assert tokenizer.encode(text) == get_tokenizer().encode_ordinary(text)
+    assert tokenizer.encode(text) == gpt2().encode(text)
     assert tokenizer.decode(tokenizer.encode(text)) == text and tokenizer.eos_token_id == 50256
 
     state = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
     ours = Gemma3Model(state["model_config"]).eval()
     ours.load_state_dict(state["model"])
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
-    idx = torch.tensor([encode(TEXT)[:40]])
+    idx = torch.tensor([gpt2().encode(TEXT)[:40]])
     with torch.no_grad():
         assert (hf_model(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
 
     # sample.py --hf-dir reads the export back: same tokens, same end-of-text, same greedy continuation.
-    loaded, codec = sample.load_hf_model(str(out))
-    assert codec.encode(TEXT) == encode(TEXT) and codec.eos_ids == {50256} and codec.decode(encode(TEXT)) == TEXT
+    loaded, tokenizer = load_model(out)
+    assert tokenizer.identity()["vocab_size"] == 50257 and tokenizer.stop_ids == {50256}
+    assert tokenizer.encode(TEXT) == gpt2().encode(TEXT) and tokenizer.decode(gpt2().encode(TEXT)) == TEXT
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert torch.equal(loaded.eval().generate(idx, 10, temperature=0), ours.generate(idx, 10, temperature=0))
 
 

@@ -16,7 +16,7 @@ from data.errors import DataError
 from data.meta import read_meta
 from data.prepare import ensure_prepared, main, prepare
 from data.sources import default_name
-from data.tokenizer import EOT_ID, decode
+from data.tokenizer import gpt2
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [
@@ -41,11 +41,12 @@ def corpus(tmp_path) -> Path:
 
 
 def documents(path: Path) -> list[str]:
+    eot = gpt2().eos_id
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    assert len(tokens) == 0 or tokens[-1] == EOT_ID
-    ends = np.flatnonzero(tokens == EOT_ID)
+    assert len(tokens) == 0 or tokens[-1] == eot
+    ends = np.flatnonzero(tokens == eot)
     starts = np.r_[0, ends[:-1] + 1]
-    return [decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+    return [gpt2().decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
 
 
 def test_round_trip_and_meta(corpus, tmp_path):
@@ -55,7 +56,8 @@ def test_round_trip_and_meta(corpus, tmp_path):
     assert sorted(train + val) == sorted(DOCS)
     assert train == [d for d in DOCS if d in train]  # document order is kept within a split
     meta = read_meta(out)
-    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["tokenizer"] == {**gpt2().identity(), "origin": "gpt2"}
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert meta["train_tokens"] == (out / "train.bin").stat().st_size // 2
     assert meta["val_tokens"] == (out / "val.bin").stat().st_size // 2
     assert meta["documents"] == len(DOCS)
@@ -93,7 +95,7 @@ def test_pydocs_prepares_without_network(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    out = ensure_prepared("pydocs", data_root=tmp_path)
+    out = ensure_prepared("pydocs", gpt2(), data_root=tmp_path)
     meta = read_meta(out)
     assert meta["source"]["kind"] == "pydocs" and meta["train_tokens"] > 50_000 and meta["val_tokens"] > 1_000
     assert "Boolean operations" in "".join(documents(out / "train.bin") + documents(out / "val.bin"))
@@ -110,7 +112,7 @@ def test_invalid_utf8_is_replaced_in_jsonl_as_in_txt(corpus, tmp_path):
 
 def test_unknown_dataset_not_prepared(tmp_path):
     with pytest.raises(DataError, match="python data/prepare.py"):
-        ensure_prepared("mystery", data_root=tmp_path)
+        ensure_prepared("mystery", gpt2(), data_root=tmp_path)
 
 
 def test_bad_inputs_are_data_errors(corpus, tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ from tokenizers.pre_tokenizers import Whitespace
 
 import sample
 from architecture import Gemma3Model
-from data.tokenizer import EOT_ID, decode, encode
-from training.checkpoint import save_checkpoint
+from data.tokenizer import gpt2
+from training.checkpoint import load_model, save_checkpoint
+
+encode, decode, EOT_ID = gpt2().encode, gpt2().decode, gpt2().eos_id
 
 TEXT = (
     "The model reads a prompt, then writes one token at a time. Each token is chosen from the logits of the "
@@ -131,7 +133,7 @@ def bad_checkpoints(tmp_path_factory):
         ("other.pt", "not a checkpoint of this project"),
         ("disagrees.pt", "model_config disagrees with the weights: blocks.0.mlp.gate_proj.weight is (64, 32), "),
         ("badconfig.pt", "unknown key 'emb_dimm'; did you mean 'emb_dim'?"),
-        ("smallvocab.pt", "the model's vocab_size is 300 but its tokenizer (gpt2) has 50257 tokens"),
+        ("smallvocab.pt", "the model's vocab_size is 300 but its tokenizer (gpt2) has 50,257 tokens"),
     ],
 )
 def test_checkpoint_errors(bad_checkpoints, capsys, name, match):
@@ -170,18 +172,19 @@ def hf_dir(tmp_path_factory):
 
 
 def test_hf_dir_generates_with_its_own_tokenizer_and_eos_ids(hf_dir, capsys):
-    model, codec = sample.load_hf_model(str(hf_dir))
-    assert codec.eos_ids == {1, 2, 3} and codec.encode("w0 w5") == [4, 9]
+    model, tokenizer = load_model(hf_dir)
+    assert tokenizer.stop_ids == {1, 2, 3} and tokenizer.prompt_ids("w0 w5") == [4, 9]
     out = run_main(capsys, "--hf-dir", str(hf_dir), "--prompt", "w0 w5", "--max-new-tokens", "5")
     assert out.out.startswith("w0 w5") and "tokens/s" in out.err
 
 
 def test_hf_dir_errors(hf_dir, capsys, tmp_path):
-    expect_error(capsys, "Hugging Face directory not found", "--hf-dir", str(tmp_path / "none"))
-    expect_error(capsys, "no tokenizer.json", "--hf-dir", str(tmp_path))
+    expect_error(capsys, "is not a Hugging Face model directory (no config.json)", "--hf-dir", str(tmp_path / "none"))
     big = tmp_path / "big"
     big.mkdir()
     for name in ("config.json", "model.safetensors"):
         (big / name).write_bytes((hf_dir / name).read_bytes())
+    expect_error(capsys, "no tokenizer.json, so the model's tokenizer is unknown", "--hf-dir", str(big))
     word_tokenizer(["<unk>"] + [f"w{i}" for i in range(400)]).save(str(big / "tokenizer.json"))
-    expect_error(capsys, "tokenizer.json has 401 tokens but the model's vocab_size is 300", "--hf-dir", str(big))
+    expect_error(capsys, "the model's vocab_size is 300 but its tokenizer (tokenizer.json ", "--hf-dir", str(big))
+    expect_error(capsys, "has 401 tokens; the model cannot read", "--ckpt", str(big))
