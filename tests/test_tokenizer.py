@@ -54,7 +54,7 @@ def test_gpt2_ids_without_network(tmp_path):
     (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(GPT2_RANKS.read_bytes())
     strings = varied_strings()
     assert len(strings) > 300
-    script = f"""
+    script = """
 import json, socket, sys
 def refuse(*a, **k):
     raise OSError("network disabled in this test")
@@ -65,8 +65,9 @@ ours, theirs = load_tokenizer("gpt2"), tiktoken.get_encoding("r50k_base")
 strings = json.load(sys.stdin)
 print(json.dumps([[ours.encode(s), theirs.encode_ordinary(s)] for s in strings]))
 """
+    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(cache)}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, input=json.dumps(strings), capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(cache)})  # fmt: skip
+                            text=True, timeout=60, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     for text, (ours, theirs) in zip(strings, json.loads(result.stdout), strict=True):
         assert ours == theirs, text

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from architecture.config import ConfigError
+from data.tokenizer import gpt2
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config, parse_overrides
 from training.schedule import learning_rate
@@ -163,7 +164,7 @@ def test_run_logs_evaluates_and_checkpoints(straight_run):
     assert [r["iter"] for r in rows if r["kind"] == "eval"] == [6, 12]
     assert all({"loss", "lr", "tokens_per_sec", "ms_per_iter"} <= r.keys() for r in rows if r["kind"] == "train")
     checkpoint = load_checkpoint(run_dir / "latest.pt")  # weights_only=True inside
-    assert checkpoint["iter_num"] == 12 and checkpoint["tokenizer"] == "gpt2"
+    assert checkpoint["iter_num"] == 12 and checkpoint["tokenizer"] == gpt2().record()
     assert checkpoint["model_config"]["emb_dim"] == 32 and checkpoint["training_config"]["max_iters"] == 12
     assert load_checkpoint(run_dir / "best.pt")["best_val_loss"] == checkpoint["best_val_loss"]
 
