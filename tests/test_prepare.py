@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data.errors import DataError
 from data.meta import read_meta
@@ -163,3 +164,21 @@ def test_killed_prepare_leaves_nothing_valid(tmp_path):
     assert meta["documents"] == 20_000
     assert (out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
     assert not list(out.glob("*.tmp"))
+
+
+def test_large_vocabulary_gets_uint32_files(tmp_path):
+    """A tokenizer past 65,536 ids (Gemma has 262,144) writes uint32 token files that read back as its ids."""
+    words = [f"w{i}" for i in range(70_000)]
+    backend = Tokenizer(models.WordLevel({"<eos>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [" ".join(words[i::6_000]) for i in range(20)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = prepare(str(corpus), "big", tokenizer=tmp_path / "tokenizer.json", data_root=tmp_path, val_fraction=0.3,
+                  num_proc=1, progress=False)  # fmt: skip
+    meta = read_meta(out)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_001 and meta["tokenizer"]["bos_id"] is None
+    tokens = np.concatenate([np.fromfile(out / f"{s}.bin", dtype="<u4") for s in ("train", "val")])
+    expected = [int(w[1:]) + 1 for d in docs for w in d.split()] + [0] * len(docs)  # the words, and an eos each
+    assert tokens.max() > 65_535 and sorted(tokens.tolist()) == sorted(expected)

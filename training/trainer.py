@@ -70,7 +70,9 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
     if config.init_from == "resume":
         path = Path(config.out_dir) / "latest.pt"
         checkpoint = load_checkpoint(path)
-        return model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer")), checkpoint
+        model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer"))
+        check_tokenizer_fits(model, tokenizer, path)
+        return model, tokenizer, checkpoint
     if config.init_from == "scratch":
         return Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config)), None, None
     directory = Path(config.init_from)
@@ -80,7 +82,9 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
         if not (directory / "tokenizer.json").is_file():
             raise ConfigError(f"{config.source}: init_from {directory} has no tokenizer.json, so the model's "
                               "tokenizer is unknown; copy in the one it was trained with")  # fmt: skip
-        return Gemma3Model.from_hf(str(directory)), load_tokenizer(directory), None
+        model, tokenizer = Gemma3Model.from_hf(str(directory)), load_tokenizer(directory)
+        check_tokenizer_fits(model, tokenizer, directory)
+        return model, tokenizer, None
     raise ConfigError(
         f"{config.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model directory "
         "(config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
@@ -157,10 +161,10 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         ensure_prepared(config.dataset, tokenizer or gpt2())
     if world.enabled:
         dist.barrier()
-    # A model trained from scratch speaks its dataset's tokenizer; any other must match the dataset's (the loader
-    # checks), and fit the embedding.
-    tokenizer = tokenizer or dataset_tokenizer(DATA_ROOT / config.dataset)
-    check_tokenizer_fits(model, tokenizer, config.source)
+    # A model trained from scratch speaks its dataset's tokenizer; any other must be the dataset's (the loader checks).
+    if tokenizer is None:
+        tokenizer = dataset_tokenizer(DATA_ROOT / config.dataset)
+        check_tokenizer_fits(model, tokenizer, config.model_config)
     loader_args = dict(data_dir=DATA_ROOT / config.dataset, batch_size=config.batch_size,
                        block_size=config.block_size, device=device, tokenizer=tokenizer)  # fmt: skip
     train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
@@ -172,7 +176,8 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         log(f"training config:\n{json.dumps(config.to_dict(), indent=1)}")
         n_params = sum(p.numel() for p in model.parameters())
         shape = f"{config.batch_size} x {config.block_size} x {config.gradient_accumulation_steps} micro-batches"
-        log(f"{n_params / 1e6:.1f}M parameters; {config.tokens_per_iter:,} tokens per iteration ({shape})")
+        log(f"{n_params / 1e6:.1f}M parameters, tokenizer {tokenizer}; {config.tokens_per_iter:,} tokens per "
+            f"iteration ({shape})")  # fmt: skip
 
     # Precision: float32 master weights; bf16 autocast on CUDA; float32 on the CPU.
     model.to(device)
