@@ -143,8 +143,8 @@ def prepare(
 ) -> Path:
     """Tokenize source into `data_root/name/` and return that directory; a no-op when up to date."""
     name = name or sources.default_name(source)
-    if not name or name != Path(name).name or name.startswith("."):
-        raise DataError(f"invalid dataset name {name!r}: use a plain directory name")
+    if not name or name != Path(name).name or name.startswith(".") or name == "assets":
+        raise DataError(f"invalid dataset name {name!r}: use a plain directory name other than assets")
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     src = sources.resolve(source, text_field, split, val_split, config, streaming)

@@ -37,8 +37,13 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 IDENTITY_KEYS = ("kind", "vocab_size", "sha256", "bos_id", "eos_id")
-GPT2_IDENTITY = {"kind": "gpt2", "vocab_size": GPT2_EOT_ID + 1, "sha256": GPT2_RANKS_SHA256, "bos_id": None,
-                 "eos_id": GPT2_EOT_ID}  # fmt: skip
+GPT2_IDENTITY = {
+    "kind": "gpt2",
+    "vocab_size": GPT2_EOT_ID + 1,
+    "sha256": GPT2_RANKS_SHA256,
+    "bos_id": None,
+    "eos_id": GPT2_EOT_ID,
+}
 BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>")
 EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 USAGE = "use gpt2, a tokenizer.json, or a Hugging Face model directory that holds one"
@@ -213,7 +218,8 @@ def load_tokenizer(spec: str | Path = "gpt2") -> Tokenizer:
 
 
 def tokenizer_from_record(record: dict | str | None) -> Tokenizer:
-    """The tokenizer a checkpoint or meta.json records; older files that name none (or "gpt2") mean GPT-2."""
+    """The tokenizer a checkpoint carries (`Tokenizer.record()`); older checkpoints that name none (or "gpt2") mean
+    GPT-2."""
     if record is None or record == "gpt2" or (isinstance(record, dict) and record.get("kind") == "gpt2"):
         return gpt2()
     if not isinstance(record, dict) or "tokenizer_json" not in record:
