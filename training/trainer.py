@@ -1,30 +1,38 @@
 """The training loop: `train(config)` runs one training job from a `TrainingConfig` to its last checkpoint.
 
+    run = setup_run(config, device, world)            # model, tokenizer, data, optimizer; resumed if asked
+    while run.iter_num < config.max_iters:
+        lr = set_learning_rate(run)                   # linear warmup, cosine decay
+        loss, stop = train_step(run, stop_request)    # micro-batches, clip, AdamW step
+        logger.iteration(run, loss, lr)
+        evaluate, then checkpoint: run.state_dict()   # every eval_interval, and at the end
+
 Design choices:
-- One function that reads top to bottom like nanoGPT's train.py: set-up, then the loop of
-  (learning rate, accumulate micro-batches, clip, step, log, evaluate, checkpoint).
+- `Run` holds everything that lives from one iteration to the next; its `state_dict()` is exactly what a
+  checkpoint holds, and `load_state_dict()` is exactly what resume restores.
 - Batches are a pure function of (seed, global batch index): rank r of W takes batches r, r + W, ... so W
-  processes see exactly the micro-batches one process would, and resume needs only the iteration count.
+  processes see exactly the micro-batches one process would, and resume needs only the loader's state.
 - DDP synchronises gradients only on the last micro-step (`no_sync` before). The loss is scaled by
   1 / local micro-steps and DDP averages over ranks, so the update equals the single-process one.
 - Ctrl-C sets a flag; the loop finishes the iteration it is in, saves `latest` and exits, so the checkpoint
   is always at an iteration boundary and resume is exact. A second Ctrl-C stops at once.
-- A non-finite loss stops the run before the optimizer step, leaving the last good checkpoint as it was.
-- Rank 0 alone evaluates (on the unwrapped model, so no collective runs), logs and writes checkpoints.
+- A non-finite loss stops the run before the optimizer step; the checkpoints on disk are left untouched.
+- Rank 0 alone evaluates (on the unwrapped model, so no collective runs), logs and writes checkpoints; the other
+  ranks get a logger that does nothing (`run_logger.py`).
 - The loss is computed without materialising the logits (`return_logits=False`, see architecture/gemma3.py).
 - The next micro-batch is fetched before the current backward: its host work (memmap reads, pinned copy) runs
   while the device works through the queued forward. It never reaches past the iteration, so the loader state
   a checkpoint saves is the iteration boundary's and resume stays exact.
-- `compile` compiles the model once; the first iteration's time (compilation included) is logged as such.
-  `activation_checkpointing` recomputes each block in the backward, trading ~1/3 more compute for memory.
+- `compile` compiles the model once; `activation_checkpointing` recomputes each block in the backward, trading
+  about a third more compute for memory.
 """
 
 import contextlib
-import json
 import math
 import signal
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,8 +50,8 @@ from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_recor
 from .checkpoint import check_tokenizer_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import REPO_ROOT, TrainingConfig
 from .distributed import Distributed, setup_distributed, teardown_distributed
-from .metrics import MetricsLog, flops_per_token, peak_flops
 from .optimizer import configure_optimizer
+from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
 
 EVAL_SEED = 1_000_003  # evaluation reads the same batches every time, whatever the training seed
@@ -126,6 +134,50 @@ def evaluate(model: torch.nn.Module, loader_args: dict, eval_iters: int, autocas
     return losses
 
 
+@dataclass
+class Run:
+    """A training run between iterations. `state_dict()` is what a checkpoint holds; the fields after `world` are
+    how this process runs it (device, wrapped model, precision), rebuilt at every start."""
+
+    config: TrainingConfig
+    model: Gemma3Model  # the unwrapped model: its weights, config and checkpoints
+    tokenizer: Tokenizer
+    optimizer: torch.optim.Optimizer
+    train_loader: BatchLoader
+    iter_num: int = 0  # optimizer updates done
+    best_val_loss: float = math.inf
+    best_iter: int | None = None  # where best_val_loss was reached
+    world: Distributed = field(default_factory=Distributed)
+    device: torch.device = torch.device("cpu")
+    step_model: torch.nn.Module | None = None  # what trains: compiled and/or DDP-wrapped
+    eval_model: torch.nn.Module | None = None  # what evaluates: compiled, never DDP (no collectives on rank 0)
+    autocast: Any = field(default_factory=contextlib.nullcontext)
+    local_accum: int = 1  # micro-batches per iteration in this process
+    loader_args: dict = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain values only (read back with torch.load(weights_only=True))."""
+        return {
+            "model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
+            "training_config": self.config.to_dict(), "tokenizer": self.tokenizer.record(),
+            "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
+            "optimizer": self.optimizer.state_dict(), "loader": self.train_loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},  # the batches have their own generator, in "loader"
+        }  # fmt: skip
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Continue where `checkpoint` stopped (the model's weights are loaded with the model itself)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.train_loader.load_state_dict(checkpoint["loader"])
+        self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        self.best_iter = checkpoint.get("best_iter")
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+
+
 def train(config: TrainingConfig) -> dict:
     """Run the training job described by `config`; returns the last evaluation's losses."""
     device = resolve_device(config)
@@ -137,6 +189,33 @@ def train(config: TrainingConfig) -> dict:
 
 
 def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> dict:
+    run = setup_run(config, device, world)
+    logger = make_logger(run)
+    logger.start(run)
+    stop_request = StopRequest()
+    losses, stopped = {}, False
+    try:
+        while run.iter_num < config.max_iters:
+            lr = set_learning_rate(run)
+            loss, stopped = train_step(run, stop_request)
+            logger.iteration(run, loss, lr)
+            evaluates = run.iter_num % config.eval_interval == 0 or run.iter_num == config.max_iters
+            if evaluates and world.is_master:
+                losses = evaluate_and_checkpoint(run, logger, lr)
+            if stopped:
+                if world.is_master and not evaluates:  # an evaluation has just written latest.pt
+                    save_checkpoint(run.state_dict(), run.out_dir / "latest.pt")
+                logger.note(f"stopped at iteration {run.iter_num}; continue with --init_from=resume")
+                break
+        logger.summary(run, stopped)
+    finally:
+        logger.close()
+        stop_request.restore()
+    return losses
+
+
+def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) -> Run:
+    """The model, its tokenizer and data, the optimizer and the precision; restored from latest.pt on resume."""
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     if config.gradient_accumulation_steps % world.world_size:
@@ -144,19 +223,14 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
             f"{config.source}: 'gradient_accumulation_steps' ({config.gradient_accumulation_steps}) must be "
             f"divisible by the number of processes ({world.world_size}) so the global batch stays the same"
         )
-    local_accum = config.gradient_accumulation_steps // world.world_size
-    out_dir = Path(config.out_dir)
-    log = tqdm.write if world.is_master else (lambda *_: None)
-
-    # Model and data. The dataset is prepared by rank 0 alone, while the others wait at the barrier.
     torch.manual_seed(config.seed)
     model, tokenizer, checkpoint = build_model(config)
-    model_config = model.config
-    if config.block_size > model_config.context_length:
+    if config.block_size > model.config.context_length:
         raise ConfigError(
             f"{config.source}: 'block_size' ({config.block_size}) exceeds the model's "
-            f"context_length ({model_config.context_length})"
+            f"context_length ({model.config.context_length})"
         )
+    # The dataset is prepared by rank 0 alone, while the others wait at the barrier.
     if world.is_master:
         ensure_prepared(config.dataset, tokenizer or gpt2())
     if world.enabled:
@@ -170,15 +244,6 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
                                **loader_args)  # fmt: skip
 
-    if world.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log(f"model config:\n{json.dumps(model_config.to_dict(), indent=1)}")
-        log(f"training config:\n{json.dumps(config.to_dict(), indent=1)}")
-        n_params = sum(p.numel() for p in model.parameters())
-        shape = f"{config.batch_size} x {config.block_size} x {config.gradient_accumulation_steps} micro-batches"
-        log(f"{n_params / 1e6:.1f}M parameters, tokenizer {tokenizer}; {config.tokens_per_iter:,} tokens per "
-            f"iteration ({shape})")  # fmt: skip
-
     # Precision: float32 master weights; bf16 autocast on CUDA; float32 on the CPU.
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
@@ -188,146 +253,79 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif config.dtype != "float32":
-        log(f"note: training on the CPU in float32 (config dtype '{config.dtype}' applies on CUDA only)")
 
-    optimizer = configure_optimizer(model, config, device.type)
-    iter_num, best_val_loss = 0, math.inf
+    run = Run(config, model, tokenizer, configure_optimizer(model, config, device.type), train_loader, world=world,
+              device=device, autocast=autocast, local_accum=config.gradient_accumulation_steps // world.world_size,
+              loader_args=loader_args)  # fmt: skip
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        log(f"resumed from {out_dir / 'latest.pt'} at iteration {iter_num}")
-        del checkpoint
-
-    raw_model = model
-    if config.compile:
-        model = torch.compile(model)
-    eval_model = model
+        run.load_state_dict(checkpoint)
+    if world.is_master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.eval_model = run.step_model = torch.compile(model) if config.compile else model
     if world.enabled:
-        model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
+        device_ids = [world.local_rank] if device.type == "cuda" else None
+        run.step_model = DistributedDataParallel(run.eval_model, device_ids=device_ids)
+    return run
 
-    wandb_run = None
-    if config.wandb_log and world.is_master:
-        import wandb  # only where enabled: it is slow to import
 
-        wandb_run = wandb.init(
-            project=config.wandb_project, name=config.wandb_run_name or None, dir=str(out_dir),
-            config={"model": model_config.to_dict(), "training": config.to_dict()},
-        )  # fmt: skip
-    metrics = (
-        MetricsLog(out_dir, iter_num if config.init_from == "resume" else None, wandb_run) if world.is_master else None
-    )
-    flops_per_iter = flops_per_token(raw_model, config.block_size) * config.tokens_per_iter / world.world_size
-    peak = peak_flops(device)
+def set_learning_rate(run: Run) -> float:
+    lr = learning_rate(run.iter_num, run.config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
-    def diverged_message(what: str) -> str:
-        return (
-            f"{what} at iteration {iter_num}: training diverged and stopped without saving. The last good "
-            f"checkpoint, if one was written, is {out_dir / 'latest.pt'}; lower learning_rate or check the data"
-        )
 
-    def checkpoint_state() -> dict:
-        rng = {"torch": torch.get_rng_state()}  # the batches have their own generator (in "loader")
-        return {
-            "model": raw_model.state_dict(), "model_config": model_config.to_dict(),
-            "training_config": config.to_dict(), "tokenizer": tokenizer.record(), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict(), "rng": rng,
-            "loader": train_loader.state_dict(),
-        }  # fmt: skip
+def train_step(run: Run, stop_request: StopRequest) -> tuple[float, bool]:
+    """One optimizer update over the iteration's micro-batches; returns the mean loss and whether any rank asked
+    to stop."""
+    model, loader, world = run.step_model, run.train_loader, run.world
+    loss_sum = torch.zeros((), device=run.device)
+    x, y = loader.next_batch()
+    for micro_step in range(run.local_accum):
+        last = micro_step == run.local_accum - 1
+        # DDP all-reduces gradients on the last micro-step only; no_sync's context can be entered once.
+        with model.no_sync() if world.enabled and not last else contextlib.nullcontext():
+            with run.autocast:
+                loss = model(x, y, return_logits=False)[1] / run.local_accum
+            if not last:  # prefetch within the iteration only: checkpoints stay at its boundary
+                x, y = loader.next_batch()
+            loss.backward()
+        loss_sum += loss.detach()
 
-    def run_evaluation() -> dict:
-        nonlocal best_val_loss
-        losses = evaluate(eval_model, loader_args, config.eval_iters, autocast)
-        if not all(map(math.isfinite, losses.values())):
-            raise TrainingError(diverged_message(f"evaluation losses are {losses}"))
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            + (" (best)" if improved else ""))  # fmt: skip
-        metrics.log("eval", iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-        state = checkpoint_state()
-        save_checkpoint(state, out_dir / "latest.pt")
-        if improved:
-            save_checkpoint(state, out_dir / "best.pt")
-        return losses
+    # One small all-reduce carries both the mean loss and any rank's stop request.
+    status = torch.stack([loss_sum, torch.tensor(float(stop_request.requested), device=run.device)])
+    if world.enabled:
+        dist.all_reduce(status)
+        status[0] /= world.world_size
+    loss_value, stop = status[0].item(), status[1].item() > 0
+    if not math.isfinite(loss_value):
+        raise TrainingError(diverged_message(run, f"loss is {loss_value} at iteration {run.iter_num + 1}"))
+    if run.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return loss_value, stop
 
-    stop = StopRequest()
-    progress = tqdm(
-        total=config.max_iters, initial=iter_num, disable=not world.is_master, unit="it", dynamic_ncols=True
-    )
-    losses, t_last = {}, time.perf_counter()
-    start_iter = iter_num  # the first iteration of this process, resumed or not, is the one that compiles
-    try:
-        while iter_num < config.max_iters:
-            lr = learning_rate(iter_num, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
 
-            loss_sum = torch.zeros((), device=device)
-            x, y = train_loader.next_batch()
-            for micro_step in range(local_accum):
-                last = micro_step == local_accum - 1
-                # DDP all-reduces gradients on the last micro-step only; no_sync's context can be entered once.
-                with model.no_sync() if world.enabled and not last else contextlib.nullcontext():
-                    with autocast:
-                        _, loss = model(x, y, return_logits=False)
-                        loss = loss / local_accum
-                    if not last:  # prefetch within the iteration only: checkpoints stay at its boundary
-                        x, y = train_loader.next_batch()
-                    loss.backward()
-                loss_sum += loss.detach()
-
-            # One small all-reduce carries both the mean loss and any rank's stop request.
-            status = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
-            if world.enabled:
-                dist.all_reduce(status)
-                status[0] /= world.world_size
-            loss_value, stop_requested = status[0].item(), status[1].item() > 0
-            if not math.isfinite(loss_value):
-                raise TrainingError(diverged_message(f"loss is {loss_value}"))
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            progress.update(1)
-
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            first_iter = iter_num == start_iter + 1
-            if first_iter and config.compile:
-                log(f"torch.compile: first iteration took {dt:.1f} s, compilation included")
-                if world.is_master:
-                    metrics.log("compile", iter_num, first_iter_s=dt)
-            if world.is_master and (iter_num % config.log_interval == 0 or first_iter):
-                row = {
-                    "loss": loss_value,
-                    "lr": lr,
-                    "tokens_per_sec": config.tokens_per_iter / dt,
-                    "ms_per_iter": dt * 1e3,
-                }
-                if peak:
-                    row["mfu"] = flops_per_iter / dt / peak
-                metrics.log("train", iter_num, **row)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                mfu = f", MFU {row['mfu']:.1%}" if peak else ""
-                log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
-                    f"{row['ms_per_iter']:.0f} ms{mfu}")  # fmt: skip
-
-            evaluates = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
-            if world.is_master and evaluates:
-                losses = run_evaluation()
-                t_last = time.perf_counter()  # the next iteration's timing excludes evaluation and checkpointing
-            if stop_requested:
-                if world.is_master and not evaluates:  # an evaluation just wrote latest.pt
-                    save_checkpoint(checkpoint_state(), out_dir / "latest.pt")
-                log(f"stopped at iteration {iter_num}; continue with --init_from=resume")
-                break
-    finally:
-        progress.close()
-        stop.restore()
-        if wandb_run is not None:
-            wandb_run.finish()
+def evaluate_and_checkpoint(run: Run, logger: NullLogger, lr: float) -> dict:
+    """Evaluate, then write latest.pt, and best.pt when val loss improved (rank 0 only)."""
+    losses = evaluate(run.eval_model, run.loader_args, run.config.eval_iters, run.autocast)
+    if not all(map(math.isfinite, losses.values())):
+        raise TrainingError(diverged_message(run, f"evaluation losses are {losses} at iteration {run.iter_num}"))
+    improved = losses["val"] < run.best_val_loss
+    if improved:
+        run.best_val_loss, run.best_iter = losses["val"], run.iter_num
+    logger.evaluation(run, losses, lr, improved)
+    state = run.state_dict()
+    save_checkpoint(state, run.out_dir / "latest.pt")
+    if improved:
+        save_checkpoint(state, run.out_dir / "best.pt")
     return losses
+
+
+def diverged_message(run: Run, what: str) -> str:
+    return (
+        f"{what}: training diverged and stopped without saving. The last good checkpoint, if one was written, is "
+        f"{run.out_dir / 'latest.pt'}; lower learning_rate or check the data"
+    )

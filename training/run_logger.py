@@ -1,0 +1,153 @@
+"""What a user sees of a run: start-up lines, a line per `log_interval`, evaluations, a progress bar, a summary.
+
+Design choices:
+- Rank 0 logs; every other rank gets a `NullLogger` with the same methods doing nothing, so the loop never asks
+  which rank it is on before logging.
+- Every figure goes to `out_dir/metrics.jsonl` (`training/metrics.py`), and to wandb when enabled; the console gets
+  lines a person reads. The whole configuration goes to metrics.jsonl (and the checkpoint); the console shows only
+  what differs from the defaults.
+- The progress bar is drawn only on a terminal: redirected to a file, the log is plain lines, no bar frames.
+- An iteration's time is measured from the end of the previous one, or from the end of the evaluation and
+  checkpointing before it, so neither counts in tokens/s. The first iteration of a compiled run includes
+  compilation; its time is logged as such.
+- The summary at the end says where the run got (best val loss and where, the checkpoints on disk, time) and the
+  commands to run next.
+"""
+
+import sys
+import time
+
+from tqdm import tqdm
+
+from architecture import ModelConfig
+
+from .config import TrainingConfig
+from .metrics import MetricsLog, flops_per_token, peak_flops
+
+
+def config_differences(values: dict, defaults: dict) -> str:
+    """`key=value` for every setting that differs from its default, comma-separated."""
+    changed = [f"{key}={value}" for key, value in values.items() if defaults.get(key) != value]
+    return ", ".join(changed) or "none"
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+class NullLogger:
+    """The logger of ranks other than 0: every call does nothing."""
+
+    def start(self, run) -> None: ...
+    def iteration(self, run, loss: float, lr: float) -> None: ...
+    def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None: ...
+    def note(self, message: str) -> None: ...
+    def summary(self, run, stopped: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+class RunLogger(NullLogger):
+    """Console, progress bar, metrics.jsonl and wandb for rank 0."""
+
+    def __init__(self, run) -> None:
+        config: TrainingConfig = run.config
+        self.out_dir, self.config = run.out_dir, config
+        wandb_run = None
+        if config.wandb_log:
+            import wandb  # only where enabled: it is slow to import
+
+            wandb_run = wandb.init(
+                project=config.wandb_project, name=config.wandb_run_name or None, dir=str(run.out_dir),
+                config={"model": run.model.config.to_dict(), "training": config.to_dict()},
+            )  # fmt: skip
+        self.wandb_run = wandb_run
+        self.metrics = MetricsLog(run.out_dir, run.iter_num if config.init_from == "resume" else None, wandb_run)
+        tokens_per_process = config.tokens_per_iter / run.world.world_size
+        self.flops_per_iter = flops_per_token(run.model, config.block_size) * tokens_per_process
+        self.peak = peak_flops(run.device)
+        self.start_iter = run.iter_num
+        self.started = self.last = time.perf_counter()
+        self.progress = tqdm(
+            total=config.max_iters, initial=run.iter_num, unit="it", dynamic_ncols=True, disable=not sys.stderr.isatty()
+        )
+
+    def write(self, message: str) -> None:
+        tqdm.write(message)  # above the progress bar, when there is one
+
+    def start(self, run) -> None:
+        model_config = run.model.config
+        self.metrics.log("config", run.iter_num, model=model_config.to_dict(), training=self.config.to_dict())
+        changed = config_differences(self.config.to_dict(), TrainingConfig().to_dict())
+        self.write(f"training config {self.config.source}, differences from the defaults (all of it in "
+                   f"{self.out_dir / 'metrics.jsonl'}): {changed}")  # fmt: skip
+        self.write(f"model: {config_differences(model_config.to_dict(), ModelConfig().to_dict())}")
+        n_params = sum(p.numel() for p in run.model.parameters())
+        shape = f"{self.config.batch_size} x {self.config.block_size} x {self.config.gradient_accumulation_steps}"
+        self.write(f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, {run.device}; "
+                   f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)")  # fmt: skip
+        if run.device.type != "cuda" and self.config.dtype != "float32":
+            self.write(
+                f"note: training on the CPU in float32 (config dtype '{self.config.dtype}' applies on CUDA only)"
+            )
+        if run.iter_num:
+            self.write(f"resumed from {self.out_dir / 'latest.pt'} at iteration {run.iter_num}")
+
+    def iteration(self, run, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        self.progress.update(1)
+        first = run.iter_num == self.start_iter + 1
+        if first and self.config.compile:
+            self.write(f"torch.compile: first iteration took {dt:.1f} s, compilation included")
+            self.metrics.log("compile", run.iter_num, first_iter_s=dt)
+        if run.iter_num % self.config.log_interval and not first:
+            return
+        row = {"loss": loss, "lr": lr, "tokens_per_sec": self.config.tokens_per_iter / dt, "ms_per_iter": dt * 1e3}
+        if self.peak:
+            row["mfu"] = self.flops_per_iter / dt / self.peak
+        self.metrics.log("train", run.iter_num, **row)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        mfu = f", MFU {row['mfu']:.1%}" if self.peak else ""
+        self.write(f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
+                   f"{row['ms_per_iter']:.0f} ms{mfu}")  # fmt: skip
+
+    def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None:
+        self.metrics.log("eval", run.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+        self.write(f"eval {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                   + (" (best)" if improved else ""))  # fmt: skip
+        self.last = time.perf_counter()  # the next iteration's time excludes evaluation and checkpointing
+
+    def note(self, message: str) -> None:
+        self.write(message)
+
+    def summary(self, run, stopped: bool) -> None:
+        self.progress.close()
+        done = run.iter_num - self.start_iter
+        lines = [f"{'stopped' if stopped else 'finished'} at iteration {run.iter_num} of {self.config.max_iters} "
+                 f"({done} in this process, {duration(time.perf_counter() - self.started)})"]  # fmt: skip
+        if run.best_iter is not None:
+            lines.append(
+                f"best val loss {run.best_val_loss:.4f} at iteration {run.best_iter}: {self.out_dir / 'best.pt'}"
+            )
+        if (self.out_dir / "latest.pt").is_file():
+            lines.append(f"latest: {self.out_dir / 'latest.pt'} (iteration {run.iter_num})")
+        if stopped:
+            lines.append("continue with --init_from=resume (and the same other settings)")
+        lines += [
+            "next:",
+            f"  python sample.py --ckpt {self.out_dir}",
+            f"  python scripts/plot_loss.py {self.out_dir}",
+            f"  python scripts/export_hf.py --ckpt {self.out_dir} --out exported/{self.out_dir.name}",
+        ]
+        self.write("\n".join(lines))
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def make_logger(run) -> NullLogger:
+    """A RunLogger on rank 0, a NullLogger elsewhere."""
+    return RunLogger(run) if run.world.is_master else NullLogger()
