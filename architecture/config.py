@@ -1,8 +1,8 @@
 """Model configuration: the `ModelConfig` dataclass, loaded from JSON and validated.
 
 Design choices:
-- One flat dataclass whose field names follow `config/model_config.json` (the seed's names), so the JSON a
-  user edits and the attributes the model reads are the same words.
+- One flat dataclass whose field names are the keys of `config/model_config.json`, so the JSON a user edits and
+  the attributes the model reads are the same words.
 - Every key is checked: unknown keys stop with the closest valid key suggested, values are type-checked, and
   each architectural rule names the field that breaks it. `ConfigError` carries that message.
 - `from_hf_dict` / `to_hf_dict` translate to and from a Hugging Face `Gemma3TextConfig` dict, so official
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # config paths in JSON files are relative to it
+DEFAULT_MODEL_CONFIG = REPO_ROOT / "config" / "model_config.json"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -129,7 +131,7 @@ class ModelConfig(CheckedConfig):
     sliding_window: int = 512  # a sliding layer's query sees itself and the 511 tokens before it
     layer_types: list[str] = field(default_factory=_default_layer_types)
     dtype: str = "bfloat16"  # dtype for inference and export; training keeps float32 parameters
-    tie_embeddings: bool = False  # the seed keeps a separate output head; official Gemma 3 ties it
+    tie_embeddings: bool = False  # a separate output head by default; official Gemma 3 ties it to the embedding
     rms_norm_eps: float = 1e-6
     source: str = field(default="ModelConfig", repr=False, compare=False)
 

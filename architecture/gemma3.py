@@ -13,19 +13,19 @@ Design choices:
   overrides the choice.
 - Training loss without the logits: `model(idx, targets, return_logits=False)` computes the cross-entropy with
   `linear_cross_entropy`, which walks the rows in chunks and computes each chunk's gradient in the forward, so
-  the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at the seed's
-  32 x 128 batch that is three 823 MB tensors). Nothing is recomputed: the backward only scales the stored
-  gradients. The default `return_logits=True` keeps `logits, loss = model(idx, targets)` as it was.
-- The vocabulary stays 50,257 wide in the parameters (state-dict shapes, parameter count and HF export as
-  they are); on CUDA the loss pads the head to 50,304 rows inside, on the bf16 copy autocast makes anyway,
-  so that its GEMMs get aligned shapes, and gives the pad logits -inf.
+  the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at a 32 x 128
+  batch that would be three 823 MB tensors). Nothing is recomputed: the backward only scales the stored
+  gradients. The default `return_logits=True` gives `logits, loss = model(idx, targets)`.
+- The vocabulary stays 50,257 wide in the parameters (state-dict shapes, parameter count and HF export); on
+  CUDA the loss pads the head to 50,304 rows inside, on the bf16 copy autocast makes anyway, so that its GEMMs
+  get aligned shapes, and gives the pad logits -inf.
 - `model.activation_checkpointing = True` recomputes each block in the backward (torch.utils.checkpoint,
   non-reentrant) instead of keeping its activations: long blocks (8192 tokens and beyond) fit one GPU.
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
   stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
 - Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
 - Generation prefills the prompt in one forward and then decodes one token per forward against a `KVCache`
-  (see kv_cache.py). Passing no cache keeps the training forward exactly as it was. Past context_length the
+  (see kv_cache.py). Without a cache the forward is the training forward. Past context_length the
   cache cannot slide (RoPE positions are absolute), so each further step re-prefills the last context_length
   tokens: the same tokens the uncached path would see.
 """
@@ -38,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Mask, attend, sliding_mask, sliding_window_mask
+from .attention import Mask, attend, sliding_mask
 from .config import ModelConfig
 from .kv_cache import KVCache
 
-__all__ = ["IGNORE_INDEX", "Gemma3Model", "linear_cross_entropy", "sample_next_token", "sliding_window_mask"]
+__all__ = ["IGNORE_INDEX", "Gemma3Model", "linear_cross_entropy", "sample_next_token"]
 
 IGNORE_INDEX = -100  # targets with this id (padding) do not count in the loss, as in F.cross_entropy
 # Rows of logits alive at once in linear_cross_entropy. On a GPU, 1024 rows (206 MB of float32 at 50,257 entries)

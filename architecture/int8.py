@@ -4,8 +4,8 @@ Design choices:
 - Symmetric, one scale per output channel (row of the weight): w ~= q * scale with q in [-127, 127]. Per-channel
   scales follow each row's range, which is what keeps the error small without calibration data.
 - Only the blocks' projections are quantized (attention q/k/v/o and the GeGLU gate/up/down: all but 0.1% of the
-  non-embedding weights, 61% of the seed model's parameters). The embedding and the output head stay as they
-  are: the head sees every logit, and a tied head is the embedding.
+  non-embedding weights, 61% of the default model's parameters). The embedding and the output head stay in
+  float: the head sees every logit, and a tied head is the embedding.
 - The forward dequantizes on the fly, as gpt-fast does: `linear(x, q.to(x.dtype)) * scale`. Applying the scale to
   the output instead of the weight costs one multiply per output, not per weight. On the CPU in bfloat16, PyTorch's
   int8-weight kernel (`aten._weight_int8pack_mm`) does the same without materialising the dequantized weight and

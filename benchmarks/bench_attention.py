@@ -16,7 +16,6 @@ path, as the model does: FlexAttention has no CPU backward in torch 2.13.
 
 import argparse
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -24,12 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
-
-from architecture import ModelConfig  # noqa: E402
-from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from architecture import REPO_ROOT, ModelConfig
+from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask
 
 
 def dense_attend(q, k, v, mask, scale):
@@ -76,7 +71,7 @@ def measure(kind: str, layer: str, T: int, config: ModelConfig, args, device: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, seed model on CUDA)")
+    parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, the 270M model on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="ours for sliding layers (attention.py)")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -88,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    config_path = Path(args.model_config or REPO / "config" / ("model_config.json" if cuda else "demo_model.json"))
+    config_path = Path(args.model_config or REPO_ROOT / "config" / ("model_config.json" if cuda else "demo_model.json"))
     config = ModelConfig.from_json(config_path)
     max_T = args.max_T or (32768 if cuda else 4096)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"

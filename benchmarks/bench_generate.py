@@ -1,7 +1,7 @@
 """Generation speed and KV-cache memory: prefill and decode tokens/s with the cache, decode without it, INT8.
 
     python benchmarks/bench_generate.py                        # CPU: a small config, float32
-    python benchmarks/bench_generate.py --device cuda          # GPU: the seed config (270M), bfloat16
+    python benchmarks/bench_generate.py --device cuda          # GPU: the default 270M config, bfloat16
     python benchmarks/bench_generate.py --ckpt checkpoints/run --int8-eval data/<name>   # INT8 perplexity change
 
 Design choices:
@@ -9,24 +9,20 @@ Design choices:
   taken after one warm-up run; CUDA is synchronised before the clock is read.
 - Decode speed is timed from the first new token on, so it excludes the prefill, which is timed on its own.
 - Cache memory is measured on the `KVCache` object itself (allocated on the meta device, so 32k tokens cost
-  nothing), for the seed config in bfloat16, against a cache that keeps every token in every layer.
+  nothing), for the default 270M config in bfloat16, against a cache that keeps every token in every layer.
 - `--int8-eval` compares the val-set loss of a checkpoint with float and INT8 weights on the same batches.
 """
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere in the repo
-
-from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig  # noqa: E402
-from architecture.config import DTYPES  # noqa: E402
-from architecture.int8 import block_linear_bytes, quantize_int8  # noqa: E402
-from architecture.kv_cache import kv_cache_bytes  # noqa: E402
+from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
+from architecture.config import DTYPES
+from architecture.int8 import block_linear_bytes, quantize_int8
+from architecture.kv_cache import kv_cache_bytes
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
@@ -67,7 +63,7 @@ def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_c
 def cache_memory_report(config: ModelConfig) -> None:
     n_full = config.layer_types.count("full_attention")
     n_sliding = config.n_layers - n_full
-    print(f"KV cache, seed config in bfloat16 ({n_full} full + {n_sliding} sliding layers, batch 1):")
+    print(f"KV cache, default 270M config in bfloat16 ({n_full} full + {n_sliding} sliding layers, batch 1):")
     for tokens in (1024, 8192, 32768):
         cache = KVCache(config, 1, min(tokens, config.context_length), "meta", torch.bfloat16)
         ideal = kv_cache_bytes(config, tokens, dtype_bytes=2)
@@ -88,7 +84,7 @@ def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     torch.manual_seed(0)
     model = Gemma3Model(config).eval().to(device=device, dtype=dtype)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
-    name = args.config or ("seed config" if device.type == "cuda" else "small config")
+    name = args.config or ("default 270M config" if device.type == "cuda" else "small config")
     params = sum(p.numel() for p in model.parameters())
     print(
         f"{name}: {params / 1e6:.1f}M parameters, {device}, {str(dtype).removeprefix('torch.')}, "
@@ -143,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--config", help="model config JSON (default: small on the CPU, the seed config on CUDA)")
+    parser.add_argument(
+        "--config", help="model config JSON (default: small on the CPU, the default 270M config on CUDA)"
+    )
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--skip-recompute", action="store_true", help="skip the slow decode without cache")

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py                          # CPU: config/demo_model.json, batch 8 x 128
     python benchmarks/bench_train.py --block-size 512         # CPU, past the demo's 64-token window
-    python benchmarks/bench_train.py --compile                # GPU: seed model at blocks 128, 1024 and 8192
+    python benchmarks/bench_train.py --compile                # GPU: the 270M model at blocks 128, 1024 and 8192
     python benchmarks/bench_train.py --implementations ours   # one model per process: max RSS is its own
 
 Both models get the same config (transformers' through `ModelConfig.to_hf_dict`, sdpa attention), the same
@@ -23,19 +23,14 @@ import contextlib
 import platform
 import resource
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
-
-from architecture import Gemma3Model, ModelConfig  # noqa: E402
-from training.metrics import flops_per_token, peak_flops  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from architecture import REPO_ROOT, Gemma3Model, ModelConfig
+from training.metrics import flops_per_token, peak_flops
 
 
 def build(implementation: str, config: ModelConfig, device: torch.device) -> torch.nn.Module:
@@ -115,13 +110,13 @@ def summarize(implementation: str, rounds: list[dict], config: ModelConfig, devi
     }
 
 
-# Batch per block size on CUDA: the seed's 32 x 128, then about the same tokens per step as long as it fits.
+# Batch per block size on CUDA: the default run's 32 x 128, then about the same tokens per step as long as it fits.
 CUDA_BATCH = {128: 32, 1024: 16, 8192: 2}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, seed model on CUDA)")
+    parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, the 270M model on CUDA)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: 8 on CPU, CUDA_BATCH)")
     parser.add_argument("--block-size", type=int, nargs="+", help="default: 128 on CPU, 128 1024 8192 on CUDA")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -139,7 +134,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     default = "model_config.json" if device.type == "cuda" else "demo_model.json"
-    config_path = Path(args.model_config or REPO / "config" / default)
+    config_path = Path(args.model_config or REPO_ROOT / "config" / default)
     config = ModelConfig.from_json(config_path)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -11,13 +11,6 @@ Design choices:
 - Best of --repeats rounds: on a shared machine the fastest run is the least disturbed one.
 """
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    # `python benchmarks/…` puts benchmarks/ on sys.path; the repo root is needed for `data`.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import os
 import time

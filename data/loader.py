@@ -70,9 +70,7 @@ class BatchLoader:
                 f"{self.path} has {self.num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use a smaller block_size or a larger dataset / --val-fraction"
             )
-        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.batches = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) pair, int64 of shape (batch_size, block_size), on the loader's device."""
@@ -87,23 +85,16 @@ class BatchLoader:
             raise DataError(f"{self.path} holds token id {windows.max()} >= vocab_size {self.vocab_size}; rebuild it")
         x = torch.from_numpy(windows[:, :-1].astype(np.int64))  # astype copies into a contiguous array
         y = torch.from_numpy(windows[:, 1:].astype(np.int64))
-        self.batches += 1
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
         """Position in the random stream; tensors, ints and strs only (torch.load weights_only=True)."""
-        return {
-            "generator": self.generator.get_state(),
-            "seed": self.seed,
-            "split": self.split,
-            "batches": self.batches,
-        }
+        return {"generator": self.generator.get_state(), "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the stream where `state_dict()` was taken."""
         if state["split"] != self.split:
             raise ValueError(f"state is for the {state['split']!r} split, this loader reads {self.split!r}")
         self.generator.set_state(state["generator"])
-        self.seed, self.batches = state["seed"], state["batches"]

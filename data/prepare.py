@@ -27,21 +27,15 @@ Design choices:
   only run the tokenizer, so forking a training process that already uses CUDA is safe.
 """
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    # `python data/prepare.py` puts data/ rather than the repo root on sys.path; swap them so
-    # `import data.…` works and data/'s modules cannot shadow top-level ones.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import fcntl
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +46,7 @@ from data.meta import prepare_command, read_meta, token_dtype, token_file_mismat
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
-BATCH_CHARS = 1 << 20  # big enough that the pool's per-task cost (~1 ms in the parent) is noise
+BATCH_CHARS = 1 << 20  # a megabyte of text per task: big enough that the pool's per-task cost is noise
 
 _tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
 

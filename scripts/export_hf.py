@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere in the repo
-
-from architecture import ConfigError, WeightsError  # noqa: E402
-from architecture.config import DTYPES  # noqa: E402
-from architecture.hf_export import export_hf, export_tokenizer  # noqa: E402
-from data.errors import DataError  # noqa: E402
-from training.checkpoint import CheckpointError, load_model  # noqa: E402
+from architecture import ConfigError, WeightsError
+from architecture.config import DTYPES
+from architecture.hf_export import export_hf, export_tokenizer
+from data.errors import DataError
+from training.checkpoint import CheckpointError, load_model
 
 
 def main(argv: list[str] | None = None) -> None:

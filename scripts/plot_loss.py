@@ -2,6 +2,10 @@
 
 Reads RUN/metrics.jsonl (written by train.py) and draws train loss (every logged iteration), the evaluated
 train and val losses, and the learning rate on a second axis. Writes RUN/loss.png unless --out says otherwise.
+
+The loss axis shows the part of the curve that matters: its top is the highest loss after the first tenth of the
+iterations (a run starts near ln(vocab), about 11, and would squash the rest flat), its bottom the lowest loss;
+the first points run off the top, and the title says so.
 """
 
 import argparse
@@ -12,12 +16,23 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
+def loss_range(train: list[dict], evals: list[dict]) -> tuple[float, float, int]:
+    """(bottom, top, points above the top) of the loss axis: the top is the highest loss after the first tenth of
+    the iterations, so the early drop from ~11 does not flatten the rest of the curve."""
+    points = [(r["iter"], r["loss"]) for r in train]
+    points += [(r["iter"], r[key]) for r in evals for key in ("train_loss", "val_loss")]
+    cutoff = max(i for i, _ in points) / 10
+    later = [loss for i, loss in points if i > cutoff] or [loss for _, loss in points]
+    low, high = min(loss for _, loss in points), max(later)
+    margin = 0.05 * (high - low) or 0.1
+    return low - margin, high + margin, sum(loss > high + margin for _, loss in points)
 
 
 def plot(run_dir: Path, out: Path) -> None:
@@ -27,10 +42,15 @@ def plot(run_dir: Path, out: Path) -> None:
     train, evals = read_metrics(metrics)
     if not train and not evals:
         raise ValueError(f"{metrics} holds no metrics yet")
+
+    import matplotlib.pyplot as plt  # after matplotlib.use: pyplot picks its backend when imported
+
     fig, loss_axis = plt.subplots(figsize=(9, 5))
     loss_axis.plot([r["iter"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train loss (batch)")
     loss_axis.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss (eval)")
     loss_axis.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    low, high, clipped = loss_range(train, evals)
+    loss_axis.set_ylim(low, high)
     loss_axis.set_xlabel("iteration (optimizer update)")
     loss_axis.set_ylabel("cross-entropy loss")
     lr_axis = loss_axis.twinx()
@@ -38,7 +58,7 @@ def plot(run_dir: Path, out: Path) -> None:
     lr_axis.set_ylabel("learning rate")
     handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
     loss_axis.legend(handles, [h.get_label() for h in handles], loc="upper right")
-    loss_axis.set_title(str(run_dir))
+    loss_axis.set_title(str(run_dir) + (f" (the first {clipped} points are above the axis)" if clipped else ""))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hf_reference import tiny_config
 
 from architecture import IGNORE_INDEX, Gemma3Model, sample_next_token
-from architecture.gemma3 import sliding_window_mask
+from architecture.attention import sliding_window_mask
 
 
 @pytest.fixture(scope="module")

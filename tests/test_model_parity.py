@@ -4,7 +4,7 @@ import pytest
 import torch
 from hf_reference import ours_from_hf, random_hf_model, tiny_config
 
-from architecture import Gemma3Model, model_config
+from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, ModelConfig
 
 TOLERANCE = 1e-4
 
@@ -50,6 +50,7 @@ def test_parity_check_detects_a_wrong_window():
 
 
 def test_seed_config_parameter_count_and_parity():
+    model_config = ModelConfig.from_json(DEFAULT_MODEL_CONFIG)
     assert model_config.n_layers == 18 and model_config.vocab_size == 50257
     # 50257*640 embedding + the same again for the separate head + 18 blocks of 5,573,632 + the final norm's 640.
     assert sum(p.numel() for p in Gemma3Model(model_config).parameters()) == 164_654_976

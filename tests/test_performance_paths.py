@@ -17,9 +17,10 @@ from architecture.attention import (
     resolve_backend,
     sliding_block_mask,
     sliding_mask,
+    sliding_window_mask,
     sliding_window_mask_mod,
 )
-from architecture.gemma3 import linear_cross_entropy, sliding_window_mask
+from architecture.gemma3 import linear_cross_entropy
 
 
 def batch(config, seq_len: int, batch_size: int = 2, seed: int = 1) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, safe reads, finding a run's checkpoint, and loading any model with its tokenizer.
 
 Design choices:
-- A checkpoint is one `torch.save` dict of tensors and plain values (see `CHECKPOINT_KEYS`), read back with
+- A checkpoint is one `torch.save` dict of tensors and plain values (`Run.state_dict()` in trainer.py), read back with
   `torch.load(weights_only=True)`: unpickling arbitrary objects could run code, so a checkpoint never holds any.
 - Writes go to `<name>.tmp` in the same directory, are flushed and fsynced, then renamed over the old file: a crash
   mid-write leaves the previous checkpoint intact, never a truncated one under the real name.
@@ -23,19 +23,6 @@ from architecture import Gemma3Model, ModelConfig
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 
 FORMAT_VERSION = 1
-# What train.py writes. sample.py needs only "model", "model_config" and "tokenizer".
-CHECKPOINT_KEYS = (
-    "format_version",  # int
-    "model",  # state_dict of float32 tensors (a tied head appears under both names, same values)
-    "model_config",  # ModelConfig.to_dict()
-    "training_config",  # TrainingConfig.to_dict()
-    "tokenizer",  # Tokenizer.record(): identity, origin, stop ids and, for Hugging Face ones, tokenizer.json
-    "iter_num",  # optimizer updates done
-    "best_val_loss",  # float
-    "optimizer",  # AdamW state_dict
-    "rng",  # {"torch": torch.get_rng_state()}
-    "loader",  # BatchLoader.state_dict() of the training split
-)
 
 
 class CheckpointError(ValueError):

@@ -3,7 +3,8 @@
 Design choices:
 - An *iteration* is one optimizer update of batch_size x block_size x gradient_accumulation_steps tokens (the
   global batch, whatever the number of processes). max_iters, warmup_steps, eval_interval, log_interval count
-  iterations, never micro-batches: the seed stepped its schedule per micro-batch, which hid its real budget.
+  iterations, never micro-batches, so a run's budget in tokens is max_iters x tokens_per_iter whatever the
+  accumulation.
 - The JSON file is loaded with the same strict loader as the model config (unknown keys suggest the closest one,
   types checked). Command-line overrides are parsed by the field's declared type; nothing is `eval`-ed.
 """
@@ -16,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from architecture.attention import BACKENDS
-from architecture.config import CheckedConfig, ConfigError, load_dataclass, read_json
+from architecture.config import REPO_ROOT, CheckedConfig, ConfigError, load_dataclass, read_json
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
 

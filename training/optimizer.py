@@ -22,7 +22,7 @@ def configure_optimizer(model: torch.nn.Module, config: TrainingConfig, device_t
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # The fused kernel does the whole update in a few launches (CUDA) or one pass per tensor (CPU, 4x faster on the
-    # demo model) instead of a dozen elementwise ops per parameter.
+    # The fused kernel does the whole update in a few launches (CUDA) or one pass per tensor (CPU) instead of a
+    # dozen elementwise ops per parameter (figures: benchmarks/results/train_cpu.md).
     fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.betas), fused=fused)

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from architecture import Gemma3Model, ModelConfig
-from architecture.config import ConfigError
+from architecture.config import REPO_ROOT, ConfigError
 from architecture.hf_weights import hub_snapshot
 from data.loader import BatchLoader
 from data.meta import dataset_tokenizer
@@ -48,7 +48,7 @@ from data.prepare import DATA_ROOT, ensure_prepared
 from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_record
 
 from .checkpoint import check_tokenizer_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import REPO_ROOT, TrainingConfig
+from .config import TrainingConfig
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .optimizer import configure_optimizer
 from .run_logger import NullLogger, make_logger
