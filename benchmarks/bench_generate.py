@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+from tqdm import tqdm
 
 from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
@@ -125,8 +126,9 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
             quantize_int8(model)
         loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0, tokenizer=tokenizer)
         total = 0.0
+        print(f"  {label:>7}: {args.eval_batches} batches of {args.batch_size} x {block} tokens...", flush=True)
         with torch.no_grad():
-            for _ in range(args.eval_batches):
+            for _ in tqdm(range(args.eval_batches), desc=label, leave=False, disable=None):  # bar on a terminal only
                 x, y = loader.next_batch()
                 total += model(x, y)[1].item()
         losses[label] = total / args.eval_batches

@@ -179,7 +179,10 @@ def _build(
     docs = 0
     start = time.perf_counter()
     files = {split: open(path, "wb") for split, path in tmp.items()}
-    bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress, smoothing=0)
+    if progress:
+        print(f"tokenizing {description.get('kind')} into {out_dir} with {tokenizer}, {num_proc} processes", flush=True)
+    # The bar only on a terminal: in a redirected log it would be hundreds of frames.
+    bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress or None, smoothing=0)
     try:
         for n, (train, val) in tokenize_stream(document_batches(src, val_fraction, seed), num_proc, tokenizer):
             train.tofile(files["train"])

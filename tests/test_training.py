@@ -169,6 +169,31 @@ def test_run_logs_evaluates_and_checkpoints(straight_run):
     assert load_checkpoint(run_dir / "best.pt")["best_val_loss"] == checkpoint["best_val_loss"]
 
 
+def test_redirected_log_is_plain_lines_with_config_differences_and_a_summary(straight_run):
+    run_dir, output = straight_run
+    assert "\r" not in output and "it/s" not in output  # no progress-bar frames in a redirected log
+    config_line = next(line for line in output.splitlines() if "differences from the defaults" in line)
+    assert "eval_interval=6" in config_line and "weight_decay" not in config_line and "betas" not in config_line
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    config_row = next(r for r in rows if r["kind"] == "config")
+    assert config_row["training"]["weight_decay"] == 0.1 and config_row["model"]["emb_dim"] == 32  # all of it
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    summary = output[output.index("finished at iteration 12 of 12") :]
+    assert f"best val loss {checkpoint['best_val_loss']:.4f} at iteration {checkpoint['best_iter']}" in summary
+    assert f"python sample.py --ckpt {run_dir}" in summary and f"python scripts/plot_loss.py {run_dir}" in summary
+
+
+def test_plot_range_leaves_out_the_first_drop():
+    from scripts.plot_loss import loss_range
+
+    train = [{"iter": i, "loss": 11.0 if i < 5 else 4.0 - i / 100} for i in range(1, 101)]
+    evals = [{"iter": 50, "train_loss": 3.6, "val_loss": 3.7}, {"iter": 100, "train_loss": 3.0, "val_loss": 3.2}]
+    low, high, clipped = loss_range(train, evals)
+    after_first_tenth = [r["loss"] for r in train if r["iter"] > 10] + [3.6, 3.7, 3.0, 3.2]
+    assert low <= min(after_first_tenth) and max(after_first_tenth) <= high < 4.0  # the 11s are off the axis
+    assert clipped == sum(r["loss"] > high for r in train) >= 4
+
+
 def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     config = run_config(tmp_path)
     process = train_process(config, start_new_session=True)

@@ -14,7 +14,6 @@ Design choices:
   commands to run next.
 """
 
-import sys
 import time
 
 from tqdm import tqdm
@@ -69,7 +68,11 @@ class RunLogger(NullLogger):
         self.start_iter = run.iter_num
         self.started = self.last = time.perf_counter()
         self.progress = tqdm(
-            total=config.max_iters, initial=run.iter_num, unit="it", dynamic_ncols=True, disable=not sys.stderr.isatty()
+            total=config.max_iters,
+            initial=run.iter_num,
+            unit="it",
+            dynamic_ncols=True,
+            disable=None,  # terminal only
         )
 
     def write(self, message: str) -> None:
@@ -92,6 +95,8 @@ class RunLogger(NullLogger):
             )
         if run.iter_num:
             self.write(f"resumed from {self.out_dir / 'latest.pt'} at iteration {run.iter_num}")
+        if self.config.compile:
+            self.write("torch.compile: the first iteration compiles the model (a minute or more)")
 
     def iteration(self, run, loss: float, lr: float) -> None:
         now = time.perf_counter()
