@@ -81,7 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, pad_to: int):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, pad_to: int, needs_grad: bool):
         vocab_size, weight_dtype = weight.size(0), weight.dtype
         device_type = hidden.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -94,7 +94,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         row_scale = (valid / valid.sum())[:, None]  # d(mean loss)/d(row's loss): 1/n_valid, 0 on ignored rows
         safe_targets = targets.masked_fill(~valid, 0)[:, None]
-        needs_grad = any(ctx.needs_input_grad[:2])
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -122,7 +121,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
 def linear_cross_entropy(
@@ -137,7 +136,10 @@ def linear_cross_entropy(
     with the vocabulary padded to a multiple of `pad_to` inside (default: 64 on CUDA, none elsewhere)."""
     chunk_rows = chunk_rows or CE_CHUNK_ROWS.get(hidden.device.type, CE_CHUNK_ROWS["cuda"])
     pad_to = pad_to or (64 if hidden.is_cuda else 1)
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, pad_to)
+    # Gradients are computed in the forward, so only when a backward can follow: not under torch.no_grad (evaluation),
+    # where ctx.needs_input_grad would still say True for a parameter.
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, pad_to, needs_grad)
 
 
 class Attention(nn.Module):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hf_reference import tiny_config
 from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from architecture import IGNORE_INDEX, Gemma3Model
 from architecture.attention import (
@@ -158,6 +159,32 @@ def test_loss_without_logits_matches_the_public_path(tie):
         assert (p.grad - expected_grads[name]).abs().max().item() <= 1e-5, name
     with torch.no_grad():  # evaluation: no gradient work, same loss
         assert abs(model(idx, targets, return_logits=False)[1].item() - expected.item()) <= 1e-5
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products that reach the kernels while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_loss_under_no_grad_computes_no_gradients():
+    """Evaluation runs the chunked loss under torch.no_grad: one product per chunk, not three, and the same loss."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(256, 32, generator=generator), torch.randn(500, 32, generator=generator)
+    weight.requires_grad_()
+    targets = torch.randint(0, 500, (256,), generator=generator)
+    with torch.no_grad(), MatmulCounter() as counter:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+    assert counter.count == 4 and not loss.requires_grad
+    with MatmulCounter() as counter:
+        with_grad = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+    assert counter.count == 12 and torch.equal(loss, with_grad.detach())
 
 
 def test_loss_without_logits_under_bf16_autocast():

@@ -66,8 +66,8 @@ def resolve_device(config: TrainingConfig) -> torch.device:
         raise ConfigError(
             f"{config.source}: device is '{config.device}' but CUDA is not available on this machine. "
             "The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
-            "`python train.py --config config/demo.json` (a small model on the offline pydocs corpus, about "
-            "6 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway"
+            "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
+            "5 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway"
         )
     return torch.device(config.device)
 
