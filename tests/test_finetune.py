@@ -16,9 +16,10 @@ from hf_reference import random_hf_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from data.errors import DataError
 from data.loader import BatchLoader
 from data.meta import read_meta
-from data.prepare import DATA_ROOT
+from data.prepare import DATA_ROOT, ensure_prepared
 from data.sources import pydocs
 from data.tokenizer import load_tokenizer
 from training.checkpoint import load_checkpoint, load_model
@@ -64,6 +65,14 @@ def gemma_dir(tmp_path_factory):
         shutil.rmtree(DATA_ROOT / name, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def gemma_dataset(gemma_dir) -> subprocess.CompletedProcess:
+    """pydocs prepared into data/pytest-finetune by the real command, with the model directory's tokenizer."""
+    result = run("data/prepare.py", "pydocs", "--name", DATASET, "--tokenizer", str(gemma_dir), "--num-proc", "2")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["train.py", "--config", "config/finetune.json", f"--init_from={gemma_dir}", f"--dataset={DATASET}",
             f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", "--max_iters=3", "--warmup_steps=1",
@@ -71,10 +80,8 @@ def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "--eval_iters=1", "--log_interval=1", *extra]  # fmt: skip
 
 
-def test_finetune_end_to_end(gemma_dir, tmp_path):
-    # Prepare with the model directory's tokenizer: <bos> before each document, <eos> after.
-    result = run("data/prepare.py", "pydocs", "--name", DATASET, "--tokenizer", str(gemma_dir), "--num-proc", "2")
-    assert result.returncode == 0, result.stderr
+def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
+    # Prepared with the model directory's tokenizer: <bos> before each document, <eos> after.
     tokenizer = load_tokenizer(gemma_dir)
     meta = read_meta(DATA_ROOT / DATASET)
     assert meta["tokenizer"] == {**tokenizer.identity(), "origin": str(gemma_dir)} and meta["dtype"] == "uint16"
@@ -137,7 +144,7 @@ def expect_refusal(result: subprocess.CompletedProcess, *fragments: str) -> None
         assert fragment in result.stderr, result.stderr
 
 
-def test_refusals(gemma_dir, tmp_path):
+def test_refusals(gemma_dir, gemma_dataset, tmp_path):
     tokenizer = load_tokenizer(gemma_dir)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "a few words. " * 20}) + "\n" for i in range(20)))
@@ -159,15 +166,13 @@ def test_refusals(gemma_dir, tmp_path):
     assert not out.exists()
 
     # A known corpus that is not prepared yet is prepared with GPT-2 only.
-    result = run(*finetune_args(gemma_dir, out, "--dataset=tinystories"))
-    if not (DATA_ROOT / "tinystories" / "meta.json").exists():
-        expect_refusal(result, "is not prepared and the model speaks", "--name tinystories-tiny-gemma")
+    with pytest.raises(DataError, match="is not prepared and the model speaks .* --name pydocs-tiny-gemma --tokenizer"):
+        ensure_prepared("pydocs", tokenizer, data_root=tmp_path / "data")
+    assert not (tmp_path / "data" / "pydocs" / "meta.json").exists()
 
     # Resume of a Gemma-tokenizer run on a GPT-2 dataset; latest.pt is not touched.
     run_dir = tmp_path / "run"
     result = run(*finetune_args(gemma_dir, run_dir, "--max_iters=1"))
-    if result.returncode != 0 and "not prepared" in result.stderr:
-        pytest.skip("needs the dataset of test_finetune_end_to_end")
     assert result.returncode == 0, result.stderr
     latest = (run_dir / "latest.pt").read_bytes()
     result = run(*finetune_args(gemma_dir, run_dir, "--init_from=resume", f"--dataset={GPT2_DATASET}"))
@@ -184,9 +189,7 @@ def test_refusals(gemma_dir, tmp_path):
     expect_refusal(run("sample.py", "--hf-dir", str(big)), "the model's vocab_size is 300")
 
 
-def test_from_scratch_on_a_hugging_face_dataset_speaks_its_tokenizer(gemma_dir, tmp_path):
-    if not (DATA_ROOT / DATASET / "meta.json").exists():
-        assert run("data/prepare.py", "pydocs", "--name", DATASET, "--tokenizer", str(gemma_dir)).returncode == 0
+def test_from_scratch_on_a_hugging_face_dataset_speaks_its_tokenizer(gemma_dir, gemma_dataset, tmp_path):
     model_file = tmp_path / "model.json"
     model_file.write_text(json.dumps({**tiny_config(vocab_size=512, tie_embeddings=True).to_dict()}))
     out = tmp_path / "scratch"

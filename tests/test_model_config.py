@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from architecture import DEFAULT_MODEL_CONFIG, ConfigError, ModelConfig, model_config
+from architecture import DEFAULT_MODEL_CONFIG, ConfigError, ModelConfig
 
 SEED_VALUES = {
     "vocab_size": 50257, "context_length": 32768, "emb_dim": 640, "n_heads": 4, "n_layers": 18, "hidden_dim": 2048,
@@ -17,7 +17,7 @@ SEED_VALUES = {
 def test_shipped_json_holds_the_seed_values():
     on_disk = json.loads(DEFAULT_MODEL_CONFIG.read_text())
     assert on_disk == SEED_VALUES
-    assert model_config == ModelConfig()  # the dataclass defaults are the same architecture
+    assert ModelConfig.from_json(DEFAULT_MODEL_CONFIG) == ModelConfig()  # the dataclass defaults are the same model
 
 
 def config_file(tmp_path, **changes):
