@@ -87,7 +87,10 @@ def read_prompt(args: argparse.Namespace) -> str:
     path = Path(args.prompt_file)
     if not path.is_file():
         raise SampleError(f"prompt file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 def stream_sample(

@@ -9,9 +9,11 @@ import dataclasses
 import sys
 
 from architecture import ConfigError, WeightsError
+from architecture.config import INTERNAL_FIELDS
 from data import DataError
 from training.checkpoint import CheckpointError
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
+from training.run_dir import RunDirError
 from training.trainer import TrainingError, train
 
 
@@ -19,7 +21,7 @@ def main() -> None:
     settings = "\n".join(
         f"  --{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
         for f in dataclasses.fields(TrainingConfig)
-        if f.name != "source"
+        if f.name not in INTERNAL_FIELDS
     )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -30,8 +32,23 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     try:
         train(load_training_config(args.config, overrides))
-    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
+        print("interrupted: stopped without saving; the checkpoints on disk are as they were", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError as e:
+        print(
+            f"error: out of memory ({e}); lower batch_size or block_size. Checkpoints on disk are kept", file=sys.stderr
+        )
+        sys.exit(2)
+    except RuntimeError as e:
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        reason = str(e).strip().splitlines()[0]
+        print(f"error: out of memory ({reason}); lower batch_size or block_size. Checkpoints on disk are kept",
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
 

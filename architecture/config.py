@@ -13,6 +13,8 @@ Design choices:
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,20 +47,27 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+INTERNAL_FIELDS = ("source", "command_line")  # filled by the loader, never read from a file
+
+
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ')}s"
+    return TYPE_NAMES.get(annotation) or getattr(annotation, "__name__", None) or str(annotation)
 
 
-def load_dataclass(cls: type, values: dict[str, Any], source: str) -> Any:
+def load_dataclass(cls: type, values: dict[str, Any], source: str, command_line: tuple[str, ...] = ()) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type.
 
-    `source` names where the values came from (a file path), for the error messages.
+    `source` names where the values came from (a file path), and `command_line` the keys given as --key=value, for
+    the error messages.
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a JSON object of settings, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    has_source = "source" in hints  # a field the loader fills, never read from the file
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    has_source = "source" in hints
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in INTERNAL_FIELDS]
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
@@ -66,11 +75,20 @@ def load_dataclass(cls: type, values: dict[str, Any], source: str) -> Any:
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
-            raise ConfigError(
-                f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
-            )
+            where = f"--{key} (command line)" if key in command_line else source
+            raise ConfigError(f"{where}: '{key}' must be {_type_name(hints[key])}, got {json.dumps(value)}")
     converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    if "command_line" in hints:
+        converted["command_line"] = tuple(command_line)
     return cls(**converted, source=source) if has_source else cls(**converted)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"key '{duplicates[0]}' appears more than once")
+    return dict(pairs)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -79,9 +97,13 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:  # a duplicate key: JSON allows it, but the first value would be silently lost
+        raise ConfigError(f"{path}: {e}; keep one") from None
 
 
 class CheckedConfig:
@@ -89,13 +111,25 @@ class CheckedConfig:
     (the `source` field each subclass declares last), and exported to JSON without that field."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                self._fail(f"'{f.name}' must be a finite number, got {value}")
         self.validate()
 
     def validate(self) -> None:
         raise NotImplementedError
 
     def _fail(self, message: str) -> None:
-        raise ConfigError(f"{self.source}: {message}")
+        """Raise ConfigError, prefixed with where the 'quoted' fields of the message came from."""
+        named = [name for name in dict.fromkeys(re.findall(r"'(\w+)'", message)) if hasattr(self, name)]
+        cli = [name for name in named if name in getattr(self, "command_line", ())]
+        where = self.source
+        if cli:
+            given = ", ".join(f"--{name}={getattr(self, name)}" for name in cli) + " (command line)"
+            where = given if len(cli) == len(named) else f"{given} with {self.source}"
+        raise ConfigError(f"{where}: {message}")
 
     def _require_positive(self, *names: str, allow_zero: bool = False) -> None:
         for name in names:
@@ -105,7 +139,7 @@ class CheckedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready settings (what `load_dataclass` reads back)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in INTERNAL_FIELDS}
 
 
 def _default_layer_types() -> list[str]:

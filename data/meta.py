@@ -42,7 +42,9 @@ def read_meta(data_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{path} is unreadable ({e}); rebuild with --force") from e
+        raise DataError(f"{path} is unreadable ({e}); rebuild with --force") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds {type(meta).__name__}, not a dataset description; rebuild with --force")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; rebuild with --force")
@@ -54,8 +56,9 @@ def read_meta(data_dir: str | Path) -> dict:
 def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | None:
     """Why `data_dir/<split>.bin` does not hold meta.json's `<split>_tokens` ids, or None when it does."""
     path = Path(data_dir) / f"{split}.bin"
-    size = path.stat().st_size if path.is_file() else -1
-    expected = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+    if not path.is_file():
+        return f"{path} is missing"
+    size, expected = path.stat().st_size, meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
     return None if size == expected else f"{path} has {size} bytes, meta.json says {expected}"
 
 
@@ -100,5 +103,10 @@ def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
 def write_meta(data_dir: Path, meta: dict) -> None:
     """Write meta.json atomically: a reader sees the old file, no file, or the whole new one."""
     tmp = data_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, data_dir / "meta.json")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, data_dir / "meta.json")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {data_dir / 'meta.json'} ({e.strerror or e}): the dataset is incomplete; "
+                        "prepare it again when there is space") from None  # fmt: skip

@@ -28,6 +28,7 @@ Design choices:
 """
 
 import argparse
+import contextlib
 import fcntl
 import multiprocessing
 import os
@@ -150,14 +151,23 @@ def prepare(
             raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
         description |= {"val_fraction": val_fraction, "split_seed": seed}
     out_dir = Path(data_root) / name
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and _is_current(out_dir, description, tokenizer):
-            print(f"{out_dir} is already prepared from this source with {tokenizer}; nothing to do (--force rebuilds)")
-            return out_dir
-        num_proc = num_proc or os.cpu_count() or 1
-        _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)
+    try:
+        with open(out_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not force and _is_current(out_dir, description, tokenizer):
+                print(f"{out_dir} is already prepared from this source with {tokenizer}; nothing to do (--force "
+                      "rebuilds)")  # fmt: skip
+                return out_dir
+            num_proc = num_proc or os.cpu_count() or 1
+            _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)
+    except BaseException:
+        if created:  # a failed first build leaves no empty data/<name>/ behind
+            (out_dir / ".lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     return out_dir
 
 
@@ -203,11 +213,13 @@ def _build(
                 raise DataError(f"the {split[:-7]} split got no documents; check the source or --val-fraction")
         for split, path in tmp.items():
             os.replace(path, out_dir / f"{split}.bin")
-    except BaseException:
+    except BaseException as e:
         bar.close()  # so an error message starts on a line of its own
         for split, f in files.items():
             f.close()
             tmp[split].unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, most often
+            raise DataError(f"cannot write {out_dir} ({e.strerror or e}); nothing of this dataset was kept") from None
         raise
     separators = (
         "<|endoftext|> after every document"

@@ -9,18 +9,14 @@ the first points run off the top, and the title says so.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import matplotlib
 
+from training.metrics import read_metrics
+
 matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
 def loss_range(train: list[dict], evals: list[dict]) -> tuple[float, float, int]:
@@ -39,7 +35,8 @@ def plot(run_dir: Path, out: Path) -> None:
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: pass a run's out_dir (train.py writes metrics.jsonl there)")
-    train, evals = read_metrics(metrics)
+    rows = read_metrics(metrics)
+    train, evals = [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
     if not train and not evals:
         raise ValueError(f"{metrics} holds no metrics yet")
 

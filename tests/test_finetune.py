@@ -170,13 +170,13 @@ def test_refusals(gemma_dir, gemma_dataset, tmp_path):
         ensure_prepared("pydocs", tokenizer, data_root=tmp_path / "data")
     assert not (tmp_path / "data" / "pydocs" / "meta.json").exists()
 
-    # Resume of a Gemma-tokenizer run on a GPT-2 dataset; latest.pt is not touched.
+    # Resume of a Gemma-tokenizer run on another (GPT-2) dataset; latest.pt is not touched.
     run_dir = tmp_path / "run"
     result = run(*finetune_args(gemma_dir, run_dir, "--max_iters=1"))
     assert result.returncode == 0, result.stderr
     latest = (run_dir / "latest.pt").read_bytes()
     result = run(*finetune_args(gemma_dir, run_dir, "--init_from=resume", f"--dataset={GPT2_DATASET}"))
-    expect_refusal(result, "was tokenized with gpt2", "the model speaks tokenizer.json")
+    expect_refusal(result, f"trained on dataset '{DATASET}', this run names '{GPT2_DATASET}'")
     assert (run_dir / "latest.pt").read_bytes() == latest
 
     # A model directory whose tokenizer has more ids than the embedding.

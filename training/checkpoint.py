@@ -3,8 +3,9 @@
 Design choices:
 - A checkpoint is one `torch.save` dict of tensors and plain values (`Run.state_dict()` in trainer.py), read back with
   `torch.load(weights_only=True)`: unpickling arbitrary objects could run code, so a checkpoint never holds any.
-- Writes go to `<name>.tmp` in the same directory, are flushed and fsynced, then renamed over the old file: a crash
-  mid-write leaves the previous checkpoint intact, never a truncated one under the real name.
+- Writes go to `<name>.<pid>.tmp` in the same directory, are flushed and fsynced, then renamed over the old file: a
+  crash mid-write leaves the previous checkpoint intact, never a truncated one under the real name, and no two
+  processes ever share a temporary. A full disk is a one-line error that says the previous file is kept.
 - Every failure to read (missing, truncated, not a checkpoint) is a `CheckpointError` that names the file.
 - A checkpoint carries its tokenizer (`Tokenizer.record()`: the identity and, for a Hugging Face tokenizer, the
   whole tokenizer.json), so a run directory is self-contained. Checkpoints from before that record say "gpt2" or
@@ -33,14 +34,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: temporary file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or "No space left" in str(e) or "file write failed" in str(e):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise CheckpointError(f"cannot write {path} ({first_line(e)}); {kept}") from None
         raise
     os.replace(tmp, path)
 
@@ -54,7 +58,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file (RuntimeError, UnpicklingError, EOFError...)
         # torch's own text runs to many lines and suggests weights_only=False, the one thing not to do here.
-        reason = str(e).strip().splitlines()[0] if type(e).__name__ != "UnpicklingError" else "refused by weights_only"
+        reason = first_line(e) if type(e).__name__ != "UnpicklingError" else "refused by weights_only"
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, another format, or holding objects other than "
             f"tensors and plain values): {type(e).__name__}: {reason}"
@@ -62,6 +66,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no model / model_config)")
     return state
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def read_iter_num(path: Path) -> int | None:
+    """The iteration a checkpoint was written at, read without loading its tensors into memory; None if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iter_num")
+    except Exception:  # noqa: BLE001 - any unreadable file counts as stale
+        return None
 
 
 def find_checkpoint(path: str | Path) -> Path:

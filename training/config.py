@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from architecture.attention import BACKENDS
-from architecture.config import REPO_ROOT, CheckedConfig, ConfigError, load_dataclass, read_json
+from architecture.config import INTERNAL_FIELDS, REPO_ROOT, CheckedConfig, ConfigError, load_dataclass, read_json
 
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
@@ -45,6 +45,9 @@ class TrainingConfig(CheckedConfig):
     eval_iters: int = 50  # batches averaged per split in each evaluation
     log_interval: int = 10  # iterations between log lines
 
+    overwrite: bool = False  # start a new run in an out_dir that holds one, removing its checkpoints and metrics
+    allow_batch_change: bool = False  # resume with another batch_size / block_size / accumulation (not exact)
+
     seed: int = 1337
     device: str = "cuda"  # "cuda", "cuda:N" or "cpu"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
@@ -57,6 +60,7 @@ class TrainingConfig(CheckedConfig):
     wandb_run_name: str = ""  # empty: wandb picks one
 
     source: str = field(default="TrainingConfig", repr=False, compare=False)
+    command_line: tuple[str, ...] = field(default=(), repr=False, compare=False)  # keys given as --key=value
 
     def validate(self) -> None:
         self._require_positive(
@@ -64,6 +68,10 @@ class TrainingConfig(CheckedConfig):
             "eval_iters", "log_interval",
         )  # fmt: skip
         self._require_positive("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", allow_zero=True)
+        if self.seed >= 2**63:
+            self._fail(f"'seed' must be below 2**63, got {self.seed}")
+        if self.overwrite and self.init_from == "resume":
+            self._fail("'overwrite' and 'init_from' resume contradict each other: choose one")
         if self.min_lr > self.learning_rate:
             self._fail(
                 f"'min_lr' ({self.min_lr}) is above 'learning_rate' ({self.learning_rate}): the cosine "
@@ -111,7 +119,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`["--max_iters=100", "--compile=true"]` -> {"max_iters": 100, "compile": True}, typed by TrainingConfig."""
-    hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig) if f.name != "source"}
+    hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig) if f.name not in INTERNAL_FIELDS}
     overrides = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
@@ -127,7 +135,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def load_training_config(path: str | Path = DEFAULT_TRAINING_CONFIG, overrides: list[str] = ()) -> TrainingConfig:
     """Read the JSON file at `path` and apply `--key=value` overrides on top."""
-    values = read_json(path)
+    values, given = read_json(path), parse_overrides(list(overrides))
     if isinstance(values, dict):
-        values.update(parse_overrides(list(overrides)))
-    return load_dataclass(TrainingConfig, values, source=str(path))
+        values.update(given)
+    return load_dataclass(TrainingConfig, values, source=str(path), command_line=tuple(given))

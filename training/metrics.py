@@ -1,9 +1,11 @@
 """Run logging: console lines, a JSONL metrics file in out_dir, optional wandb, and model FLOPs utilisation.
 
 Design choices:
-- Every figure logged goes to `out_dir/metrics.jsonl` (one JSON object a line, "kind" = "train" or "eval"), the
-  file `scripts/plot_loss.py` reads. On resume, lines past the resumed iteration are dropped so the file tells
-  one consistent history.
+- Every figure logged goes to `out_dir/metrics.jsonl` (one JSON object a line, "kind" = "train", "eval", ...), the
+  file `scripts/plot_loss.py` reads. The file is append-only, never rewritten: a resume appends a "resume" row,
+  and `read_metrics` drops the rows past that iteration that an earlier process logged, so readers see one
+  consistent history. A line torn by a crash or a full disk is cut off at resume, with a note, and skipped by
+  `read_metrics`; nothing else is ever removed.
 - MFU = achieved model FLOPs per second / the GPU's peak dense bf16 FLOPs. Model FLOPs per token (PaLM appendix B,
   as in nanoGPT's estimate_mfu, with the attention span per layer type):
       6 * N + 12 * sum over layers of (n_heads * head_dim * span)
@@ -13,6 +15,7 @@ Design choices:
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -44,18 +47,46 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def cut_torn_line(path: Path) -> bool:
+    """Remove an unfinished last line (no newline: the write was cut short); whether there was one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl as one history: a "resume" row drops the earlier rows past its iteration (the
+    process that wrote them stopped before its next checkpoint); unreadable (torn) lines are skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("iter"), int):
+            continue
+        if row.get("kind") == "resume":
+            rows = [r for r in rows if r["iter"] <= row["iter"]]
+        rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """Appends metric rows to out_dir/metrics.jsonl and, when enabled, to wandb."""
 
     def __init__(self, out_dir: Path, resume_from_iter: int | None, wandb_run: Any = None):
         self.path = out_dir / "metrics.jsonl"
         self.wandb_run = wandb_run
-        if resume_from_iter is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [row for row in rows if row["iter"] <= resume_from_iter]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.cut_torn_line = resume_from_iter is not None and cut_torn_line(self.path)
+        if resume_from_iter is not None:
+            self.log("resume", resume_from_iter)
 
     def log(self, kind: str, iteration: int, **values: float) -> None:
         row = {"kind": kind, "iter": iteration, "time": round(time.time(), 3), **values}

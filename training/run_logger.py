@@ -95,6 +95,8 @@ class RunLogger(NullLogger):
             )
         if run.iter_num:
             self.write(f"resumed from {self.out_dir / 'latest.pt'} at iteration {run.iter_num}")
+        if self.metrics.cut_torn_line:
+            self.write(f"note: {self.metrics.path} ended in a torn line (a crash or a full disk); it was cut off")
         if self.config.compile:
             self.write("torch.compile: the first iteration compiles the model (a minute or more)")
 

@@ -29,6 +29,8 @@ Design choices:
 
 import contextlib
 import math
+import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +49,30 @@ from data.meta import dataset_tokenizer
 from data.prepare import DATA_ROOT, ensure_prepared
 from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_record
 
-from .checkpoint import check_tokenizer_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_tokenizer_fits,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_iter_num,
+    save_checkpoint,
+)
 from .config import TrainingConfig
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .optimizer import configure_optimizer
+from .run_dir import RunDirLock, claim
 from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
 
-EVAL_SEED = 1_000_003  # evaluation reads the same batches every time, whatever the training seed
+EVAL_SEED = 1_000_003
+RESUME_KEYS = (
+    "training_config",
+    "iter_num",
+    "best_val_loss",
+    "optimizer",
+    "loader",
+    "rng",
+)  # evaluation reads the same batches every time, whatever the training seed
 
 
 class TrainingError(RuntimeError):
@@ -78,6 +96,10 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
     if config.init_from == "resume":
         path = Path(config.out_dir) / "latest.pt"
         checkpoint = load_checkpoint(path)
+        missing = [key for key in RESUME_KEYS if key not in checkpoint]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it holds a model but not a training state, so "
+                                  "it can be sampled or exported, not resumed")  # fmt: skip
         model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer"))
         check_tokenizer_fits(model, tokenizer, path)
         return model, tokenizer, checkpoint
@@ -100,20 +122,25 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
 
 
 class StopRequest:
-    """Turns the first Ctrl-C into a request to stop at the end of the current iteration."""
+    """Turns the first Ctrl-C, SIGTERM or SIGHUP (what Slurm, Kubernetes and a closed terminal send) into a request
+    to stop at the end of the current iteration, after saving; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: the user means it
+        if self.requested:  # a second signal: the user (or scheduler) means it
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("Ctrl-C: finishing this iteration, saving a checkpoint, then stopping (again to abort)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        tqdm.write(f"{name}: finishing this iteration, saving a checkpoint, then stopping (again to abort)")
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 @torch.no_grad()
@@ -144,9 +171,11 @@ class Run:
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
     train_loader: BatchLoader
+    model_origin: str = ""  # the model config file, Hugging Face directory or hub id the run started from
     iter_num: int = 0  # optimizer updates done
     best_val_loss: float = math.inf
     best_iter: int | None = None  # where best_val_loss was reached
+    loss_ema: float | None = None  # running mean of the training loss, for the spike guard
     world: Distributed = field(default_factory=Distributed)
     device: torch.device = torch.device("cpu")
     step_model: torch.nn.Module | None = None  # what trains: compiled and/or DDP-wrapped
@@ -154,6 +183,8 @@ class Run:
     autocast: Any = field(default_factory=contextlib.nullcontext)
     local_accum: int = 1  # micro-batches per iteration in this process
     loader_args: dict = field(default_factory=dict)
+    saved_iter: int | None = None  # the iteration of latest.pt on disk
+    lock: RunDirLock | None = None  # rank 0's hold on out_dir
 
     @property
     def out_dir(self) -> Path:
@@ -164,7 +195,8 @@ class Run:
         return {
             "model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
             "training_config": self.config.to_dict(), "tokenizer": self.tokenizer.record(),
-            "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
+            "model_origin": self.model_origin, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
+            "best_iter": self.best_iter, "loss_ema": self.loss_ema,
             "optimizer": self.optimizer.state_dict(), "loader": self.train_loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},  # the batches have their own generator, in "loader"
         }  # fmt: skip
@@ -174,7 +206,8 @@ class Run:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.train_loader.load_state_dict(checkpoint["loader"])
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        self.best_iter = checkpoint.get("best_iter")
+        self.best_iter, self.loss_ema = checkpoint.get("best_iter"), checkpoint.get("loss_ema")
+        self.saved_iter = self.iter_num
         torch.set_rng_state(checkpoint["rng"]["torch"])
 
 
@@ -211,6 +244,8 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     finally:
         logger.close()
         stop_request.restore()
+        if run.lock is not None:
+            run.lock.release()
     return losses
 
 
@@ -225,6 +260,8 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
         )
     torch.manual_seed(config.seed)
     model, tokenizer, checkpoint = build_model(config)
+    if checkpoint is not None:
+        check_resume(config, model, checkpoint)
     if config.block_size > model.config.context_length:
         raise ConfigError(
             f"{config.source}: 'block_size' ({config.block_size}) exceeds the model's "
@@ -243,6 +280,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
                        block_size=config.block_size, device=device, tokenizer=tokenizer)  # fmt: skip
     train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
                                **loader_args)  # fmt: skip
+    BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
 
     # Precision: float32 master weights; bf16 autocast on CUDA; float32 on the CPU.
     model.to(device)
@@ -254,13 +292,17 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    run = Run(config, model, tokenizer, configure_optimizer(model, config, device.type), train_loader, world=world,
-              device=device, autocast=autocast, local_accum=config.gradient_accumulation_steps // world.world_size,
-              loader_args=loader_args)  # fmt: skip
+    origin = checkpoint.get("model_origin", "") if checkpoint else config.init_from
+    origin = config.model_config if origin == "scratch" else origin
+    run = Run(config, model, tokenizer, configure_optimizer(model, config, device.type), train_loader, origin,
+              world=world, device=device, autocast=autocast, loader_args=loader_args,
+              local_accum=config.gradient_accumulation_steps // world.world_size)  # fmt: skip
     if checkpoint is not None:
         run.load_state_dict(checkpoint)
-    if world.is_master:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_master:  # one run per out_dir, from here to the end of the process
+        run.lock = claim(run.out_dir, resume=checkpoint is not None, overwrite=config.overwrite)
+        if checkpoint is not None:
+            make_best_consistent(run)
     run.eval_model = run.step_model = torch.compile(model) if config.compile else model
     if world.enabled:
         device_ids = [world.local_rank] if device.type == "cuda" else None
@@ -298,8 +340,7 @@ def train_step(run: Run, stop_request: StopRequest) -> tuple[float, bool]:
         dist.all_reduce(status)
         status[0] /= world.world_size
     loss_value, stop = status[0].item(), status[1].item() > 0
-    if not math.isfinite(loss_value):
-        raise TrainingError(diverged_message(run, f"loss is {loss_value} at iteration {run.iter_num + 1}"))
+    check_loss(run, loss_value)
     if run.config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.config.grad_clip)
     run.optimizer.step()
@@ -319,13 +360,73 @@ def evaluate_and_checkpoint(run: Run, logger: NullLogger, lr: float) -> dict:
     logger.evaluation(run, losses, lr, improved)
     state = run.state_dict()
     save_checkpoint(state, run.out_dir / "latest.pt")
+    run.saved_iter = run.iter_num
     if improved:
         save_checkpoint(state, run.out_dir / "best.pt")
     return losses
 
 
+SPIKE_RATIO, SPIKE_NATS, EMA_DECAY = 3.0, 2.0, 0.9
+
+
+def check_loss(run: Run, loss: float) -> None:
+    """Stop before the optimizer step on a non-finite loss, or on a spike: a loss more than SPIKE_RATIO times and
+    SPIKE_NATS above the running mean of the previous iterations' losses (an exponential mean, decay EMA_DECAY).
+    Ordinary noise, even early in a run, stays far below both; a run blowing up crosses them at once."""
+    iteration, ema = run.iter_num + 1, run.loss_ema
+    if not math.isfinite(loss):
+        raise TrainingError(diverged_message(run, f"the loss is {loss} at iteration {iteration}"))
+    if ema is not None and loss > SPIKE_RATIO * ema and loss > ema + SPIKE_NATS:
+        raise TrainingError(diverged_message(run, f"the loss spiked to {loss:.4g} at iteration {iteration}, against "
+                                                  f"a running mean of {ema:.4g}"))  # fmt: skip
+    run.loss_ema = loss if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * loss
+
+
 def diverged_message(run: Run, what: str) -> str:
-    return (
-        f"{what}: training diverged and stopped without saving. The last good checkpoint, if one was written, is "
-        f"{run.out_dir / 'latest.pt'}; lower learning_rate or check the data"
-    )
+    if run.saved_iter is None:
+        good = "no checkpoint was written before it"
+    else:
+        good = f"the last good checkpoint is {run.out_dir / 'latest.pt'} (iteration {run.saved_iter})"
+    return f"{what}: training diverged and stopped without saving; {good}. Lower learning_rate or check the data"
+
+
+def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's where that would silently change the run."""
+    previous, where = checkpoint["training_config"], Path(config.out_dir) / "latest.pt"
+    if config.max_iters <= checkpoint["iter_num"]:
+        raise ConfigError(f"{where} is at iteration {checkpoint['iter_num']} and max_iters is {config.max_iters}: "
+                          "nothing to train; raise --max_iters to continue")  # fmt: skip
+    if config.dataset != previous["dataset"]:
+        raise ConfigError(f"{where} trained on dataset '{previous['dataset']}', this run names '{config.dataset}'; "
+                          f"resume with --dataset={previous['dataset']}, or start a new run")  # fmt: skip
+    origin = checkpoint.get("model_origin", "")
+    if origin.endswith(".json"):  # a model config file: it must still describe the checkpoint's model
+        if config.model_config != origin:
+            raise ConfigError(f"{where} is a model of {origin}, this run names model_config {config.model_config}; "
+                              f"resume with --model_config={origin}")  # fmt: skip
+        now = ModelConfig.from_json(REPO_ROOT / origin).to_dict()
+        changed = [f"{k} {model.config.to_dict()[k]} -> {v}" for k, v in now.items() if model.config.to_dict()[k] != v]
+        if changed:
+            raise ConfigError(f"{origin} changed since {where} was written ({', '.join(changed)}); restore it, or "
+                              "start a new run with another out_dir")  # fmt: skip
+    shape = ("batch_size", "block_size", "gradient_accumulation_steps")
+    changed = [f"{k} {previous[k]} -> {getattr(config, k)}" for k in shape if previous[k] != getattr(config, k)]
+    if changed and not config.allow_batch_change:
+        raise ConfigError(f"{where} trained with other batches ({', '.join(changed)}), so the resume would not be "
+                          "exact; pass --allow_batch_change=true to go on anyway")  # fmt: skip
+
+
+def make_best_consistent(run: Run) -> None:
+    """After a crash between the latest.pt and best.pt writes, best.pt is stale or missing: restore it from
+    latest.pt when that is the best, else forget the lost best so the next improvement writes a new one."""
+    best = run.out_dir / "best.pt"
+    if run.best_iter is None or (best.is_file() and read_iter_num(best) == run.best_iter):
+        return
+    if run.best_iter == run.iter_num:
+        shutil.copyfile(run.out_dir / "latest.pt", best.with_name(f"best.pt.{os.getpid()}.tmp"))
+        os.replace(best.with_name(f"best.pt.{os.getpid()}.tmp"), best)
+        tqdm.write(f"note: {best} was stale or missing; restored from latest.pt (iteration {run.iter_num})")
+    else:
+        tqdm.write(f"note: {best} (iteration {run.best_iter}) is missing or stale; the next evaluation that improves "
+                   "on the val loss writes a new one")  # fmt: skip
+        run.best_val_loss, run.best_iter = math.inf, None

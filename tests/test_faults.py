@@ -1,0 +1,271 @@
+"""Fault injection on real `train.py` and `prepare.py` processes: two runs on one out_dir, a torn metrics line,
+SIGTERM, a crash between the two checkpoint writes, a loss spike, resume mismatches, a full disk, and a table of
+bad inputs, each refused in one line naming the value and where it came from, with every file left as it was."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import REPO, TINY_MODEL, losses, run_config, run_train, train_process
+
+from data.prepare import ensure_prepared
+from data.tokenizer import gpt2
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.metrics import read_metrics
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()} if directory.exists() else {}
+
+
+def expect_refusal(result_or_output: str, returncode: int, *fragments: str) -> None:
+    assert returncode == 2, result_or_output
+    lines = [line for line in result_or_output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result_or_output, result_or_output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def refused(config: Path, *args: str, fragments: tuple[str, ...] = (), env: dict | None = None) -> str:
+    process = train_process(config, *args, env=env)
+    output, _ = process.communicate(timeout=300)
+    expect_refusal(output, process.returncode, *fragments)
+    return output
+
+
+def wait_for_iteration(metrics: Path, iteration: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while not (metrics.exists() and f'"iter": {iteration},' in metrics.read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """12 iterations without a stop, evaluated every 3: the reference run."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    run_train(run_config(tmp_path, eval_interval=3))
+    return tmp_path / "run"
+
+
+def test_second_run_on_the_same_out_dir_is_refused_and_the_first_goes_on(tmp_path):
+    config = run_config(tmp_path, max_iters=400, eval_interval=2)
+    first = train_process(config, start_new_session=True)
+    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 3, first)
+    refused(config, "--seed=2", fragments=("is in use by another run (pid", "another --out_dir"))
+    refused(config, "--init_from=resume", fragments=("is in use by another run",))
+    first.send_signal(signal.SIGTERM)  # a scheduler's stop: finish the iteration, save, exit 0
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "SIGTERM: finishing this iteration" in output, output
+    stopped_at = load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"]
+    assert f"stopped at iteration {stopped_at}" in output
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+    # The same command again, without resume, would overwrite the run: refused, and nothing changes.
+    before = snapshot(tmp_path / "run")
+    refused(config, fragments=("already holds a run", "--init_from=resume", "--overwrite=true"))
+    assert snapshot(tmp_path / "run") == before
+    run_train(config, "--overwrite=true", "--max_iters=2")
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] == 2
+    assert [r["iter"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
+
+
+def test_sigterm_then_resume_gives_identical_losses(straight, tmp_path):
+    config = run_config(tmp_path, eval_interval=3)
+    process = train_process(config, start_new_session=True)
+    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 4, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    run_train(config, "--init_from=resume")
+    assert losses(tmp_path / "run") == losses(straight)
+
+
+def test_torn_metrics_line_then_resume(straight, tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=7)  # stops at 7, latest.pt at 7, rows up to 7
+    run_train(config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    history = metrics.read_bytes()
+    with open(metrics, "ab") as f:
+        f.write(b'{"kind": "train", "iter": 8, "')  # a full disk or kill -9 during an append
+    output = run_train(config, "--init_from=resume", "--max_iters=12")
+    assert "ended in a torn line" in output
+    assert metrics.read_bytes().startswith(history)  # history kept byte for byte; only the torn tail went
+    assert losses(tmp_path / "run") == losses(straight)
+
+
+def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight, tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=12)
+    process = train_process(config, start_new_session=True)
+    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 5, process)
+    process.kill()  # kill -9 after iteration 5: latest.pt is at 3, rows 4 and 5 belong to a lost future
+    process.communicate()
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] == 3
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    run_train(config, "--init_from=resume")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(logged)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_rows = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
+    assert train_rows == sorted(losses(straight).items())  # one history, each iteration once
+
+
+def test_crash_between_latest_and_best_then_resume(tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=6)
+    run_train(config)
+    run_dir = tmp_path / "run"
+    latest = load_checkpoint(run_dir / "latest.pt")
+    assert latest["best_iter"] == 6  # val improved at the last evaluation
+    # The crash: latest.pt was replaced, best.pt still holds an older state, and its temporary is left behind.
+    save_checkpoint({**latest, "iter_num": 3, "best_iter": 3}, run_dir / "best.pt")
+    (run_dir / "best.pt.999.tmp").write_bytes(b"half a checkpoint")
+    output = run_train(config, "--init_from=resume", "--max_iters=7", "--eval_interval=100")
+    assert "restored from latest.pt (iteration 6)" in output
+    assert load_checkpoint(run_dir / "best.pt")["iter_num"] == 6 and not (run_dir / "best.pt.999.tmp").exists()
+
+
+def test_loss_spike_stops_before_saving_and_names_the_good_checkpoint(tmp_path):
+    # lr 0 for the first two iterations (warmup from 0 over 100 iterations makes the first update tiny), then huge.
+    config = run_config(tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e4, min_lr=0.0,
+                        grad_clip=0.0)  # fmt: skip
+    output = refused(config, fragments=("training diverged and stopped without saving",))
+    good = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'latest.pt'} (iteration {good['iter_num']})" in output
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+    assert "spiked to" in output or "the loss is nan" in output or "the loss is inf" in output
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert max(r["loss"] for r in rows if r["iter"] <= good["iter_num"]) < 3 * rows[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--dataset=pystdlib"], ("trained on dataset 'pydocs'", "--dataset=pydocs")),
+        (["--batch_size=2"], ("batch_size 4 -> 2", "--allow_batch_change=true")),
+        (["--max_iters=3"], ("is at iteration 3 and max_iters is 3", "raise --max_iters")),
+        (["--model_config=config/demo_model.json"], ("this run names model_config config/demo_model.json",)),
+    ],
+    ids=["dataset", "batch", "max-iters", "model-config-file"],
+)
+def test_resume_mismatches_are_refused(tmp_path, args, fragments):
+    config = run_config(tmp_path, eval_interval=3, max_iters=3)
+    run_train(config)
+    before = snapshot(tmp_path / "run")
+    refused(config, "--init_from=resume", "--max_iters=6", *args, fragments=fragments)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_after_the_model_config_file_changed_and_an_allowed_batch_change(tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=3)
+    run_train(config)
+    model_file = tmp_path / "tiny_model.json"
+    model_file.write_text(json.dumps({**TINY_MODEL, "hidden_dim": 96}))
+    refused(config, "--init_from=resume", "--max_iters=6", fragments=("changed since", "hidden_dim 64 -> 96"))
+    model_file.write_text(json.dumps(TINY_MODEL))
+    output = run_train(config, "--init_from=resume", "--max_iters=6", "--batch_size=2", "--allow_batch_change=true")
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] == 6, output
+
+
+def tmpfs(path: Path, size: str) -> Path:
+    path.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("mounting a small tmpfs needs root and a mount that permits it")
+    return path
+
+
+def test_full_disk_on_checkpoint_and_prepare(tmp_path):
+    disk = tmpfs(tmp_path / "small", "4m")  # the tiny model's checkpoint with its AdamW state is about 20 MB
+    try:
+        config = run_config(tmp_path, out_dir=str(disk / "run"), eval_interval=2, max_iters=4)
+        refused(config, fragments=("cannot write", "latest.pt", "no latest.pt was written"))
+        assert not list((disk / "run").glob("*.tmp"))
+        command = [sys.executable, "data/prepare.py", "pystdlib", "--data-root", str(disk), "--num-proc", "1"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        expect_refusal(result.stderr, result.returncode, "cannot write", "nothing of this dataset was kept")
+        assert not (disk / "pystdlib").exists()  # no empty folder left behind
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
+    """(train.py arguments after --config, fragments of the one-line refusal)."""
+    (tmp_path / "dup.json").write_text('{"batch_size": 2, "batch_size": 3}')
+    (tmp_path / "latin1.json").write_bytes(b'{"wandb_run_name": "caf\xe9"}')
+    (tmp_path / "betas.json").write_text('{"betas": [[0.9], 0.95]}')
+    (tmp_path / "a_file").write_text("not a directory")
+    nan_model = tmp_path / "nan_model.json"
+    nan_model.write_text(json.dumps(TINY_MODEL).replace('"sliding_window"', '"rope_base": NaN, "sliding_window"'))
+    return [
+        (["--learning_rate=nan"], ("--learning_rate=nan (command line)", "'learning_rate' must be a finite number")),
+        (["--learning_rate=inf"], ("--learning_rate=inf (command line)", "finite")),
+        (["--weight_decay=nan"], ("--weight_decay=nan (command line)", "finite")),
+        (["--grad_clip=nan"], ("--grad_clip=nan (command line)", "finite")),
+        (["--seed=18446744073709551616"], ("--seed=18446744073709551616 (command line)", "below 2**63")),
+        (["--min_lr=0.01"], ("--min_lr=0.01 (command line) with", "'min_lr' (0.01) is above")),
+        (["--batch_size=x"], ("--batch_size=x: expected int",)),
+        ([f"--out_dir={tmp_path / 'a_file'}"], ("exists and is not a directory",)),
+        ([f"--model_config={nan_model}"], (str(nan_model), "'rope_base' must be a finite number")),
+        (["--overwrite=true", "--init_from=resume"], ("'overwrite' and 'init_from' resume contradict",)),
+        (["--block_size=5000"], ("'block_size' (5000) exceeds the model's context_length",)),
+    ]
+
+
+def test_bad_inputs_are_one_line_refusals_that_touch_nothing(tmp_path):
+    config = run_config(tmp_path)
+    cases = bad_input_cases(tmp_path)
+    for name, fragment in [("dup.json", "key 'batch_size' appears more than once"), ("latin1.json", "not UTF-8"),
+                           ("betas.json", "'betas' must be a list of numbers, got [[0.9], 0.95]")]:  # fmt: skip
+        result = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / name)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        expect_refusal(result.stderr, result.returncode, str(tmp_path / name), fragment)
+    before = snapshot(tmp_path)
+    for args, fragments in cases:
+        refused(config, *args, fragments=fragments)
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_bad_checkpoints_and_datasets_are_refused_at_start(tmp_path):
+    config = run_config(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "latest.pt").write_bytes(b"")
+    refused(config, "--init_from=resume", fragments=("latest.pt is not a readable checkpoint",))
+    save_checkpoint({"model": {}, "model_config": {}}, run_dir / "latest.pt")
+    refused(config, "--init_from=resume", fragments=("lacks training_config", "not resumed"))
+
+    data, names = REPO / "data", ("pytest-number-meta", "pytest-no-train", "pytest-short-val")
+    pydocs = ensure_prepared("pydocs", gpt2())
+    meta = json.loads((pydocs / "meta.json").read_text())
+    try:
+        for name in names:
+            (data / name).mkdir(exist_ok=True)
+        (data / "pytest-number-meta" / "meta.json").write_text("3")
+        (data / "pytest-no-train" / "meta.json").write_text(json.dumps(meta))
+        (data / "pytest-no-train" / "val.bin").write_bytes((pydocs / "val.bin").read_bytes())
+        (data / "pytest-short-val" / "meta.json").write_text(json.dumps({**meta, "val_tokens": 10}))
+        (data / "pytest-short-val" / "train.bin").write_bytes((pydocs / "train.bin").read_bytes())
+        (data / "pytest-short-val" / "val.bin").write_bytes((pydocs / "val.bin").read_bytes()[:20])
+        out = tmp_path / "fresh"
+        refused(config, "--dataset=pytest-number-meta", f"--out_dir={out}", fragments=("holds int",))
+        refused(config, "--dataset=pytest-no-train", f"--out_dir={out}", fragments=("train.bin is missing",))
+        refused(config, "--dataset=pytest-short-val", f"--out_dir={out}", fragments=("val.bin has 10 tokens",))
+        assert not out.exists()  # refused before any work that would be lost
+    finally:
+        for name in names:
+            for p in (data / name).glob("*"):
+                p.unlink()
+            (data / name).rmdir()
+
+
+def test_prompt_file_that_is_not_utf8(straight, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"caf\xe9")
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(straight), "--prompt-file", str(prompt)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    expect_refusal(result.stderr, result.returncode, f"prompt file {prompt} is not UTF-8 text")
