@@ -88,13 +88,16 @@ def test_sigterm_then_resume_gives_identical_losses(straight, tmp_path):
 
 
 def test_torn_metrics_line_then_resume(straight, tmp_path):
-    config = run_config(tmp_path, eval_interval=3, max_iters=7)  # stops at 7, latest.pt at 7, rows up to 7
-    run_train(config)
+    config = run_config(tmp_path, eval_interval=3)
+    process = train_process(config, start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_for_iteration(metrics, 5, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
     history = metrics.read_bytes()
     with open(metrics, "ab") as f:
         f.write(b'{"kind": "train", "iter": 8, "')  # a full disk or kill -9 during an append
-    output = run_train(config, "--init_from=resume", "--max_iters=12")
+    output = run_train(config, "--init_from=resume")
     assert "ended in a torn line" in output
     assert metrics.read_bytes().startswith(history)  # history kept byte for byte; only the torn tail went
     assert losses(tmp_path / "run") == losses(straight)
@@ -126,7 +129,8 @@ def test_crash_between_latest_and_best_then_resume(tmp_path):
     (run_dir / "best.pt.999.tmp").write_bytes(b"half a checkpoint")
     output = run_train(config, "--init_from=resume", "--max_iters=7", "--eval_interval=100")
     assert "restored from latest.pt (iteration 6)" in output
-    assert load_checkpoint(run_dir / "best.pt")["iter_num"] == 6 and not (run_dir / "best.pt.999.tmp").exists()
+    best_iter = load_checkpoint(run_dir / "latest.pt")["best_iter"]
+    assert load_checkpoint(run_dir / "best.pt")["iter_num"] == best_iter and not (run_dir / "best.pt.999.tmp").exists()
 
 
 def test_loss_spike_stops_before_saving_and_names_the_good_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ Design choices:
 """
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException as e:
+    except Exception as e:  # torch reports a failed write as OSError or RuntimeError ("unexpected pos ...")
+        full = shutil.disk_usage(path.parent).free < (tmp.stat().st_size if tmp.exists() else 0) + 2**20
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or "No space left" in str(e) or "file write failed" in str(e):
-            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-            raise CheckpointError(f"cannot write {path} ({first_line(e)}); {kept}") from None
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        reason = "the disk is full" if full else first_line(e)
+        raise CheckpointError(f"cannot write {path} ({reason}); {kept}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
 

@@ -36,6 +36,9 @@ class RunDirLock:
             raise RunDirError(
                 f"{out_dir} is in use by another run (pid {owner}); wait for it to end, or use another --out_dir"
             ) from None
+
+    def take_over(self, out_dir: Path) -> None:
+        """Record this process as the owner and remove temporaries that crashed writers left."""
         self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
@@ -59,4 +62,5 @@ def claim(out_dir: Path, resume: bool, overwrite: bool) -> RunDirLock:
             )
         for name in existing:
             (out_dir / name).unlink()
+    lock.take_over(out_dir)
     return lock
