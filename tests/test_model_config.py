@@ -37,9 +37,9 @@ def config_file(tmp_path, **changes):
         ({"n_heads": -4}, r"'n_heads' must be positive"),
         ({"head_dim": 255}, r"'head_dim' must be even"),
         ({"dtype": "bf16"}, r"'dtype' is 'bf16'; use one of float32, bfloat16, float16"),
-        ({"n_layers": 18.5}, r"'n_layers' must be int, got 18.5"),
-        ({"qk_norm": "yes"}, r"'qk_norm' must be bool"),
-        ({"vocab_size": True}, r"'vocab_size' must be int"),
+        ({"n_layers": 18.5}, r"'n_layers' must be an integer, got 18.5"),
+        ({"qk_norm": "yes"}, r"'qk_norm' must be true or false"),
+        ({"vocab_size": True}, r"'vocab_size' must be an integer"),
     ],
 )
 def test_invalid_value_is_named(tmp_path, changes, message):

@@ -41,7 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except Exception as e:  # torch reports a failed write as OSError or RuntimeError ("unexpected pos ...")
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as either ("unexpected pos ...")
         full = shutil.disk_usage(path.parent).free < (tmp.stat().st_size if tmp.exists() else 0) + 2**20
         tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
