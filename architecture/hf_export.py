@@ -66,24 +66,31 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
+def gpt2_vocab_and_merges(encoding) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level BPE vocabulary (token text -> id, `<|endoftext|>` included) and merges, in order, of a
+    tiktoken encoding: what Hugging Face's tokenizer.json and llama.cpp's GGUF both store."""
+    eot = encoding.eot_token
+    ranks = {encoding.decode_single_token_bytes(i): i for i in range(encoding.n_vocab) if i != eot}
+    to_char = _bytes_to_unicode()
+    text = lambda token: "".join(to_char[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[encoding.decode([eot])] = eot
+    merges = [
+        tuple(map(text, _merge_parts(ranks, token)))
+        for token, _ in sorted(ranks.items(), key=lambda item: item[1])
+        if len(token) > 1
+    ]
+    return vocab, merges
+
+
 def write_gpt2_tokenizer(encoding, out_dir: str | Path, model_max_length: int) -> None:
     """Write tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json) equal to the tiktoken `encoding`."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eot = encoding.eot_token
-    ranks = {encoding.decode_single_token_bytes(i): i for i in range(encoding.n_vocab) if i != eot}
-    to_char = _bytes_to_unicode()
-    text = lambda token: "".join(to_char[b] for b in token)
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    eot_text = encoding.decode([eot])
-    vocab[eot_text] = eot
-    merges = [
-        tuple(map(text, _merge_parts(ranks, token)))
-        for token, _ in sorted(ranks.items(), key=lambda item: item[1])
-        if len(token) > 1
-    ]
+    vocab, merges = gpt2_vocab_and_merges(encoding)
+    eot_text = encoding.decode([encoding.eot_token])
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     # use_regex=True is GPT-2's split pattern, the same as tiktoken's r50k_base pat_str.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -1,0 +1,173 @@
+"""GGUF export for llama.cpp's gemma3: read back with the `gguf` package's reader (hyperparameters, tensor names,
+shapes, types and values), the file's tokenizer against tiktoken's ids, and every refusal through the real command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hf_reference import tiny_config
+from test_export import random_model
+from test_tokenizer import varied_strings
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from architecture import Gemma3Model
+from architecture.gguf_export import export_gguf, gguf_tensor_names
+from architecture.hf_export import export_hf
+from data.tokenizer import gpt2
+from training.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+
+
+def gemma_like_config(**overrides):
+    values = dict(vocab_size=50257, context_length=256, emb_dim=64, n_heads=2, n_kv_groups=1, head_dim=32,
+                  query_pre_attn_scalar=32, hidden_dim=128, n_layers=6, sliding_window=16, layer_types=LAYERS,
+                  rms_norm_eps=1e-6)  # fmt: skip
+    return tiny_config(**(values | overrides))
+
+
+def fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(gemma_like_config())
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory) -> dict[str, gguf.GGUFReader]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {dtype: gguf.GGUFReader(export_gguf(model, gpt2(), out / f"m-{dtype}.gguf", dtype)) for dtype in
+            ("f32", "f16", "bf16", "q8_0")}  # fmt: skip
+
+
+def test_hyperparameters_are_the_ones_llama_cpp_reads(files, model):
+    meta = fields(files["f32"])
+    config = model.config
+    expected = {
+        "general.architecture": "gemma3", "gemma3.context_length": 256, "gemma3.embedding_length": 64,
+        "gemma3.block_count": 6, "gemma3.feed_forward_length": 128, "gemma3.attention.head_count": 2,
+        "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 32, "gemma3.attention.value_length": 32,
+        "gemma3.rope.freq_base": config.rope_base, "gemma3.attention.sliding_window": 16,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 50256,
+        "tokenizer.ggml.eos_token_id": 50256, "tokenizer.ggml.eot_token_id": 50256,
+        "tokenizer.ggml.padding_token_id": 50256, "tokenizer.ggml.add_bos_token": False,
+    }  # fmt: skip
+    assert {key: meta[key] for key in expected} == expected
+    assert meta["gemma3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert len(meta["tokenizer.ggml.tokens"]) == 50257 and meta["tokenizer.ggml.token_type"][50256] == 3  # control
+    assert {fields(r)["general.file_type"] for r in files.values()} == {0, 1, 32, 7}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tensor_names_and_shapes(tmp_path, tied):
+    model = random_model(gemma_like_config(tie_embeddings=tied))
+    reader = gguf.GGUFReader(export_gguf(model, gpt2(), tmp_path / "m.gguf"))
+    names = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    params = dict(model.named_parameters())
+    assert names == {theirs: tuple(params[ours].shape) for ours, theirs in gguf_tensor_names(model).items()}
+    assert ("output.weight" in names) == (not tied) and "blk.5.attn_q_norm.weight" in names
+
+
+def test_values_in_every_dtype(files, model):
+    params = dict(model.named_parameters())
+    for dtype, reader in files.items():
+        for tensor in reader.tensors:
+            ours = next(k for k, v in gguf_tensor_names(model).items() if v == tensor.name)
+            expected = params[ours].detach().float().numpy()
+            if ours.endswith("norm.weight"):  # llama.cpp multiplies by the stored weight: Gemma's 1 + weight
+                assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+                assert np.array_equal(tensor.data, expected + 1), tensor.name
+                continue
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
+            if dtype == "f32":
+                assert np.array_equal(values, expected), tensor.name
+            elif dtype == "f16":
+                assert np.array_equal(values, expected.astype(np.float16).astype(np.float32)), tensor.name
+            elif dtype == "bf16":
+                assert np.array_equal(values, torch.from_numpy(expected).bfloat16().float().numpy()), tensor.name
+            else:  # q8_0: each block of 32 is round(x / d) * d with d = max|x| / 127 (stored as float16)
+                blocks = np.abs(expected).reshape(-1, 32).max(axis=1, keepdims=True) / 127
+                error = np.abs(values - expected).reshape(-1, 32)
+                assert (error <= blocks * 0.5 + blocks * 127 * 2**-10).all(), tensor.name
+
+
+def test_q8_0_is_about_half_of_bf16(files):
+    sizes = {dtype: reader.data.nbytes for dtype, reader in files.items()}
+    assert sizes["q8_0"] < 0.6 * sizes["bf16"] < 0.6 * sizes["f32"]
+
+
+def test_file_tokenizer_gives_tiktokens_ids(files):
+    meta = fields(files["f32"])
+    tokens, merges = meta["tokenizer.ggml.tokens"], [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    strings = varied_strings()
+    assert len(strings) > 300
+    for text in strings:
+        assert bpe.encode(text).ids == gpt2().encode(text), text
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/export_gguf.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_export_command_writes_a_checkpoint(tmp_path, model):
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "run" / "best.pt")
+    result = run_export("--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--dtype", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "q8_0, tokenizer gpt2" in result.stdout
+        and fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.file_type"] == 7
+    )
+
+
+def word_level_directory(path: Path, model) -> Path:
+    """A Hugging Face directory whose tokenizer is not byte-level BPE."""
+    export_hf(model, path)
+    backend = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda tmp, m: {"model_config": gemma_like_config(layer_types=["full_attention"] * 6)},
+         "layer_types must be five sliding layers then one full layer"),
+        (lambda tmp, m: {"model_config": gemma_like_config(query_pre_attn_scalar=24)},
+         "query_pre_attn_scalar is 24; llama.cpp scales queries by 32^-0.5"),
+        (lambda tmp, m: {"model_config": gemma_like_config(rope_local_base=5000.0)},
+         "rope_local_base is 5000; llama.cpp fixes sliding layers' at 10000"),
+        (lambda tmp, m: {"hf_dir": word_level_directory(tmp / "hf", m)},
+         "is not byte-level BPE with GPT-2's split"),
+        (lambda tmp, m: {"ckpt": tmp / "missing.pt"}, "checkpoint not found"),
+        (lambda tmp, m: {"ckpt": tmp / "run", "out": tmp / "nowhere" / "m.gguf"}, "must be a file in an existing"),
+    ],
+    ids=["layer-pattern", "query-scale", "rope-local-base", "tokenizer", "missing", "out-dir"],
+)  # fmt: skip
+def test_refusals_through_the_command(tmp_path, model, make, fragment):
+    case = make(tmp_path, model)
+    if "model_config" in case:
+        bad = Gemma3Model(case["model_config"])
+        save_checkpoint({"model": bad.state_dict(), "model_config": bad.config.to_dict()}, tmp_path / "bad.pt")
+        case = {"ckpt": tmp_path / "bad.pt"}
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "run" / "best.pt")
+    source = ["--hf-dir", str(case["hf_dir"])] if "hf_dir" in case else ["--ckpt", str(case["ckpt"])]
+    out = case.get("out", tmp_path / "m.gguf")
+    result = run_export(*source, "--out", str(out))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert not Path(out).exists() and not list(tmp_path.glob("*.tmp"))
