@@ -10,15 +10,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_reference import tiny_config
+from hf_reference import random_hf_model, tiny_config
 from test_export import random_model
+from test_finetune import gemma_like_directory
 from test_tokenizer import varied_strings
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from architecture import Gemma3Model
 from architecture.gguf_export import export_gguf, gguf_tensor_names
 from architecture.hf_export import export_hf
-from data.tokenizer import gpt2
+from data.tokenizer import gpt2, load_tokenizer
 from training.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,3 +172,20 @@ def test_refusals_through_the_command(tmp_path, model, make, fragment):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert fragment in result.stderr and "Traceback" not in result.stderr
     assert not Path(out).exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_hugging_face_byte_level_bpe_tokenizer(tmp_path):
+    """A model fine-tuned with its own byte-level BPE tokenizer: the file's tokens and merges encode as it does."""
+    directory = gemma_like_directory(tmp_path / "hf")
+    random_hf_model(gemma_like_config(vocab_size=400, tie_embeddings=True)).save_pretrained(directory)
+    result = run_export("--hf-dir", str(directory), "--out", str(tmp_path / "m.gguf"))
+    assert result.returncode == 0, result.stderr
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    tokenizer = load_tokenizer(directory)
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (2, 1)
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 3]
+    vocab = {token: i for i, token in enumerate(meta["tokenizer.ggml.tokens"])}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for text in varied_strings()[:100]:
+        assert bpe.encode(text).ids == tokenizer.encode(text), text
