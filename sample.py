@@ -30,6 +30,7 @@ from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import Tokenizer
 from training.checkpoint import CheckpointError, load_model
+from training.device import DeviceError, select_device
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cuda[:N], mps, cpu")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA")
     parser.add_argument("--int8", action="store_true", help="int8 weights for the blocks' Linear layers")
     args = parser.parse_args(argv)
@@ -71,11 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SampleError(f"--device {name!r} is not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--device cuda: no CUDA GPU is available here; use --device cpu")
+        device = select_device(name)
+    except DeviceError as e:
+        raise SampleError(f"--device: {e}") from None
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return device, getattr(torch, dtype)

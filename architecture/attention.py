@@ -19,7 +19,8 @@ Design choices:
   30xx/40xx/50xx, A6000, L4, L40) cannot compile its backward kernels at the Gemma 3 head_dim of 256
   (pytorch/pytorch#133254, #198224). The CPU tests check the blocked path against SDPA under the dense
   T x T mask and against transformers.
-- Multi-query / grouped-query heads go to both kernels with `enable_gqa=True`, so K/V are never repeated.
+- Multi-query / grouped-query heads go to both kernels with `enable_gqa=True`, so K/V are never repeated (except
+  on MPS with a torch whose SDPA lacks enable_gqa there: probed once, then K/V are repeated per head).
 """
 
 import functools
@@ -111,9 +112,30 @@ def window_blocks_attention(q, k, v, blocks: WindowBlocks, scale: float, gqa: bo
     return torch.cat((first, rest), dim=2)[:, :, :T]
 
 
+@functools.cache
+def mps_sdpa_has_gqa() -> bool:
+    """Whether SDPA takes `enable_gqa` on MPS with the installed torch (probed once with a tiny call)."""
+    try:
+        q, kv = torch.ones(1, 2, 4, 8, device="mps"), torch.ones(1, 1, 4, 8, device="mps")
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True).sum().item()
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def kv_heads_for_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k, v, enable_gqa) for SDPA: K/V shared across query heads, or repeated per head on MPS releases whose SDPA
+    lacks enable_gqa."""
+    gqa = q.size(1) != k.size(1)
+    if gqa and q.device.type == "mps" and not mps_sdpa_has_gqa():
+        repeat = q.size(1) // k.size(1)
+        return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), False
+    return k, v, gqa
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over k, v (B, H_kv, T, hd), causal when `mask` is None."""
-    gqa = q.size(1) != k.size(1)
+    k, v, gqa = kv_heads_for_sdpa(q, k, v)
     if isinstance(mask, BlockMask):
         device_type = q.device.type
         if torch.is_autocast_enabled(device_type):  # SDPA is cast by autocast; flex_attention is not

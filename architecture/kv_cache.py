@@ -21,7 +21,7 @@ Design choices:
 import torch
 import torch.nn.functional as F
 
-from .attention import Mask, attend, sliding_mask
+from .attention import Mask, attend, kv_heads_for_sdpa, sliding_mask
 from .config import ModelConfig
 
 
@@ -106,11 +106,10 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Store this forward's `k`, `v` (B, n_kv, T, hd) for `layer` and attend queries `q` over the cache."""
         k_cache, v_cache = self.keys[layer], self.values[layer]
-        gqa = q.size(1) != k.size(1)
         if not self.sliding[layer]:
             k_cache[:, :, self.start : self.end] = k
             v_cache[:, :, self.start : self.end] = v
-            keys, values = k_cache[:, :, : self.end], v_cache[:, :, : self.end]
+            keys, values, gqa = kv_heads_for_sdpa(q, k_cache[:, :, : self.end], v_cache[:, :, : self.end])
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=self.full_mask, is_causal=self.full_causal, scale=scale, enable_gqa=gqa
             )
@@ -127,6 +126,7 @@ class KVCache:
             v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
             if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
                 return attend(q, k, v, self.first_chunk_mask, scale)
+        keys, values, gqa = kv_heads_for_sdpa(q, keys, values)
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa
         )  # fmt: skip

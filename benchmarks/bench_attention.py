@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from architecture import REPO_ROOT, ModelConfig
 from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask
+from training.device import select_device
 
 
 def dense_attend(q, k, v, mask, scale):
@@ -72,7 +73,7 @@ def measure(kind: str, layer: str, T: int, config: ModelConfig, args, device: to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, the 270M model on CUDA)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda[:N], mps, cpu")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="ours for sliding layers (attention.py)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--min-T", type=int, default=512)
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the results as markdown to this file")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = select_device(args.device)
     cuda = device.type == "cuda"
     config_path = Path(args.model_config or REPO_ROOT / "config" / ("model_config.json" if cuda else "demo_model.json"))
     config = ModelConfig.from_json(config_path)

@@ -24,6 +24,7 @@ from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
 from architecture.int8 import block_linear_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
+from training.device import select_device
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
@@ -139,7 +140,7 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda[:N], mps, cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument(
         "--config", help="model config JSON (default: small on the CPU, the default 270M config on CUDA)"
@@ -155,7 +156,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.int8_eval:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from architecture import REPO_ROOT, Gemma3Model, ModelConfig
+from training.device import select_device
 from training.metrics import flops_per_token, peak_flops
 
 
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks (both models)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda[:N], mps, cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--implementations", nargs="+", default=["ours", "transformers"],
                         choices=["ours", "transformers"])  # fmt: skip
@@ -132,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = select_device(args.device)
     default = "model_config.json" if device.type == "cuda" else "demo_model.json"
     config_path = Path(args.model_config or REPO_ROOT / "config" / default)
     config = ModelConfig.from_json(config_path)

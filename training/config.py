@@ -49,8 +49,8 @@ class TrainingConfig(CheckedConfig):
     allow_batch_change: bool = False  # resume with another batch_size / block_size / accumulation (not exact)
 
     seed: int = 1337
-    device: str = "cuda"  # "cuda", "cuda:N" or "cpu"
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always trains in float32
+    device: str = "cuda"  # "auto" (CUDA, then MPS, then the CPU), "cuda", "cuda:N", "mps" or "cpu"
+    dtype: str = "bfloat16"  # bf16 autocast (float32 master weights) where the hardware has bf16, else float32
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in the backward: long block_size in less memory
     attention_backend: str = "auto"  # sliding layers past the window: auto, sdpa or flex (architecture/attention.py)
@@ -83,8 +83,8 @@ class TrainingConfig(CheckedConfig):
             self._fail(f"'betas' must be two numbers in [0, 1), got {self.betas}")
         if self.dtype not in ("float32", "bfloat16"):
             self._fail(f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            self._fail(f"'device' is '{self.device}'; use cuda, cuda:N or cpu")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            self._fail(f"'device' is '{self.device}'; use auto, cuda, cuda:N, mps or cpu")
         if self.attention_backend not in BACKENDS:
             self._fail(f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}")
         if not self.dataset or "/" in self.dataset:

@@ -11,6 +11,7 @@ the embedding.
 import torch
 
 from .config import TrainingConfig
+from .device import fused_adamw_available
 
 
 def configure_optimizer(model: torch.nn.Module, config: TrainingConfig, device_type: str) -> torch.optim.AdamW:
@@ -24,5 +25,5 @@ def configure_optimizer(model: torch.nn.Module, config: TrainingConfig, device_t
     ]
     # The fused kernel does the whole update in a few launches (CUDA) or one pass per tensor (CPU) instead of a
     # dozen elementwise ops per parameter (figures: benchmarks/results/train_cpu.md).
-    fused = device_type in ("cuda", "cpu")
+    fused = fused_adamw_available(device_type)
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.betas), fused=fused)

@@ -89,10 +89,8 @@ class RunLogger(NullLogger):
         shape = f"{self.config.batch_size} x {self.config.block_size} x {self.config.gradient_accumulation_steps}"
         self.write(f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, {run.device}; "
                    f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)")  # fmt: skip
-        if run.device.type != "cuda" and self.config.dtype != "float32":
-            self.write(
-                f"note: training on the CPU in float32 (config dtype '{self.config.dtype}' applies on CUDA only)"
-            )
+        if run.precision_note:
+            self.write(run.precision_note)
         if run.iter_num:
             self.write(f"resumed from {self.out_dir / 'latest.pt'} at iteration {run.iter_num}")
         if self.metrics.cut_torn_line:

@@ -58,6 +58,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainingConfig
+from .device import DeviceError, autocast_dtype, select_device
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .optimizer import configure_optimizer
 from .run_dir import RunDirLock, claim
@@ -80,14 +81,15 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(config: TrainingConfig) -> torch.device:
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"{config.source}: device is '{config.device}' but CUDA is not available on this machine. "
-            "The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
-            "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
-            "5 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway"
-        )
-    return torch.device(config.device)
+    try:
+        return select_device(config.device)
+    except DeviceError as e:
+        hint = ""
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            hint = (". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
+                    "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
+                    "5 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway")  # fmt: skip
+        raise ConfigError(f"{config.source}: {e}{hint}") from None
 
 
 def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, dict | None]:
@@ -181,6 +183,7 @@ class Run:
     step_model: torch.nn.Module | None = None  # what trains: compiled and/or DDP-wrapped
     eval_model: torch.nn.Module | None = None  # what evaluates: compiled, never DDP (no collectives on rank 0)
     autocast: Any = field(default_factory=contextlib.nullcontext)
+    precision_note: str | None = None  # why bf16 was asked for and float32 runs
     local_accum: int = 1  # micro-batches per iteration in this process
     loader_args: dict = field(default_factory=dict)
     saved_iter: int | None = None  # the iteration of latest.pt on disk
@@ -282,12 +285,12 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
                                **loader_args)  # fmt: skip
     BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
 
-    # Precision: float32 master weights; bf16 autocast on CUDA; float32 on the CPU.
+    # Precision: float32 master weights; bf16 autocast where the hardware has bf16 (training/device.py).
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
     model.attention_backend = config.attention_backend
-    use_bf16 = device.type == "cuda" and config.dtype == "bfloat16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    dtype, precision_note = autocast_dtype(device, config.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -295,7 +298,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     origin = checkpoint.get("model_origin", "") if checkpoint else config.init_from
     origin = config.model_config if origin == "scratch" else origin
     run = Run(config, model, tokenizer, configure_optimizer(model, config, device.type), train_loader, origin,
-              world=world, device=device, autocast=autocast, loader_args=loader_args,
+              world=world, device=device, autocast=autocast, precision_note=precision_note, loader_args=loader_args,
               local_accum=config.gradient_accumulation_steps // world.world_size)  # fmt: skip
     if checkpoint is not None:
         run.load_state_dict(checkpoint)

@@ -1,0 +1,97 @@
+"""Devices and precision: `auto` picks CUDA, then Apple's MPS, then the CPU; bf16 only where the hardware does it.
+
+Design choices:
+- One place decides, for training, sample.py and the benchmarks, so they agree.
+- bf16 autocast (float32 master weights) runs on CUDA GPUs that support bf16 and on CPUs with native bf16
+  instructions (AVX512-BF16 or AMX on x86, BF16 on Arm), read from the CPU's flags rather than guessed from its
+  name; elsewhere bf16 would be emulated and slower than float32, so float32 runs, with a one-line note saying why.
+- MPS has known gaps that change between torch releases (bf16 autocast, SDPA's `enable_gqa`, fused AdamW). Each
+  is probed once with a tiny operation on the device, and a missing one falls back (float32, repeated K/V, the
+  unfused optimizer) instead of failing mid-run. No Apple hardware was available to test these paths.
+"""
+
+import functools
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, Arm BF16
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist here; the message says what does."""
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` (CUDA, then MPS, then the CPU), `cuda`, `cuda:N`, `mps` or `cpu`, checked to exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if not (name in ("cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise DeviceError(f"device '{name}' is not one of auto, cuda, cuda:N, mps, cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device '{name}': CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps': Apple's MPS is not available on this machine")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
+def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | None, str | None]:
+    """(the autocast dtype, or None for float32; a note when bf16 was asked for and float32 runs instead)."""
+    if requested != "bfloat16":
+        return None, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, None
+        return None, "note: this GPU has no bf16; training in float32"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return torch.bfloat16, None
+        return None, "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32"
+    if mps_supports("autocast_bf16"):
+        return torch.bfloat16, None
+    return None, "note: this torch has no bf16 autocast on MPS; training in float32"
+
+
+@functools.cache
+def mps_supports(feature: str) -> bool:
+    """Whether a tiny MPS operation using `feature` runs with the installed torch (probed once)."""
+    if not torch.backends.mps.is_available():
+        return False
+    try:
+        x = torch.ones(1, 2, 4, 8, device="mps")
+        if feature == "autocast_bf16":
+            with torch.autocast("mps", dtype=torch.bfloat16):
+                (x @ x.transpose(-1, -2)).sum().item()
+        elif feature == "sdpa_gqa":
+            kv = torch.ones(1, 1, 4, 8, device="mps")
+            torch.nn.functional.scaled_dot_product_attention(x, kv, kv, enable_gqa=True).sum().item()
+        elif feature == "fused_adamw":
+            p = torch.nn.Parameter(torch.ones(2, device="mps"))
+            p.grad = torch.ones(2, device="mps")
+            torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def fused_adamw_available(device_type: str) -> bool:
+    return device_type in ("cuda", "cpu") or (device_type == "mps" and mps_supports("fused_adamw"))
