@@ -123,11 +123,11 @@ def mps_sdpa_has_gqa() -> bool:
         return False
 
 
-def kv_heads_for_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def kv_heads_for_sdpa(q, k, v, device_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(k, v, enable_gqa) for SDPA: K/V shared across query heads, or repeated per head on MPS releases whose SDPA
-    lacks enable_gqa."""
+    lacks enable_gqa. `device_type` defaults to q's."""
     gqa = q.size(1) != k.size(1)
-    if gqa and q.device.type == "mps" and not mps_sdpa_has_gqa():
+    if gqa and (device_type or q.device.type) == "mps" and not mps_sdpa_has_gqa():
         repeat = q.size(1) // k.size(1)
         return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), False
     return k, v, gqa

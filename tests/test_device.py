@@ -1,0 +1,116 @@
+"""Devices and precision: `auto` selection, native-bf16 detection, the MPS guards (their logic, on the CPU: no Apple
+hardware here), and training under CPU bf16 autocast (exact resume, compiled against eager)."""
+
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_training import losses, run_config, run_train, train_process
+
+from architecture import attention
+from training import device as device_module
+from training.checkpoint import load_checkpoint
+from training.device import DeviceError, autocast_dtype, cpu_has_native_bf16, fused_adamw_available, select_device
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend which accelerators exist: machine(cuda=..., mps=..., cuda_count=...)."""
+
+    def pretend(cuda: bool = False, mps: bool = False, cuda_count: int = 1) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_count if cuda else 0)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    return pretend
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_cpu(machine, cuda, mps, expected):
+    machine(cuda=cuda, mps=mps)
+    assert select_device("auto").type == expected
+
+
+@pytest.mark.parametrize(
+    "name, cuda, mps, match",
+    [
+        ("tpu", False, False, "not one of auto, cuda, cuda:N, mps, cpu"),
+        ("cuda", False, True, "CUDA is not available"),
+        ("cuda:1", True, False, "has 1 CUDA device"),
+        ("mps", True, False, "MPS is not available"),
+    ],
+)
+def test_unavailable_devices_are_refused(machine, name, cuda, mps, match):
+    machine(cuda=cuda, mps=mps)
+    with pytest.raises(DeviceError, match=match):
+        select_device(name)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    for flags, native in [({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True),
+                          ({"fp", "asimd", "bf16"}, True)]:  # fmt: skip
+        monkeypatch.setattr(device_module, "cpu_flags", lambda flags=flags: flags)
+        assert cpu_has_native_bf16() is native
+        dtype, note = autocast_dtype(torch.device("cpu"), "bfloat16")
+        assert (dtype is torch.bfloat16) is native and (note is None) is native
+        if not native:
+            assert "no native bf16" in note
+    assert autocast_dtype(torch.device("cpu"), "float32") == (None, None)
+
+
+def test_mps_guards_fall_back_when_the_probe_fails(monkeypatch):
+    for works in (True, False):
+        monkeypatch.setattr(device_module, "mps_supports", lambda feature, works=works: works)
+        dtype, note = autocast_dtype(torch.device("mps"), "bfloat16")
+        assert (dtype is torch.bfloat16) is works and (note is None) is works
+        assert fused_adamw_available("mps") is works
+    assert fused_adamw_available("cpu") and fused_adamw_available("cuda")
+
+
+def test_repeated_kv_heads_give_the_same_attention(monkeypatch):
+    """The MPS fallback (K/V repeated per query head, no enable_gqa) computes what enable_gqa computes."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=generator), *torch.randn(2, 2, 1, 9, 8, generator=generator)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert attention.kv_heads_for_sdpa(q, k, v) == (k, v, True)  # the CPU keeps K/V shared
+    monkeypatch.setattr(attention, "mps_sdpa_has_gqa", lambda: False)
+    k2, v2, gqa = attention.kv_heads_for_sdpa(q, k, v, device_type="mps")
+    assert not gqa and k2.shape == q.shape
+    assert torch.allclose(F.scaled_dot_product_attention(q, k2, v2, is_causal=True), expected, atol=1e-6)
+
+
+native = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+
+
+@pytest.fixture(scope="module")
+def bf16_straight(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bf16")
+    output = run_train(run_config(tmp_path, dtype="bfloat16"))
+    assert "no native bf16" not in output
+    return tmp_path / "run"
+
+
+@native
+def test_bf16_ctrl_c_then_resume_gives_identical_losses(bf16_straight, tmp_path):
+    config = run_config(tmp_path, dtype="bfloat16")
+    process = train_process(config, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"iter": 3,' in metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] < 12, output
+    run_train(config, "--init_from=resume")
+    assert losses(tmp_path / "run") == losses(bf16_straight)
+
+
+@native
+def test_bf16_compiled_run_matches_eager(bf16_straight, tmp_path):
+    run_train(run_config(tmp_path, dtype="bfloat16"), "--compile=true")
+    eager, compiled = losses(bf16_straight), losses(tmp_path / "run")
+    assert eager.keys() == compiled.keys()
+    for iteration in eager:  # bf16 rounding of fused and reordered operations
+        assert compiled[iteration] == pytest.approx(eager[iteration], rel=2e-2), iteration
