@@ -14,7 +14,7 @@ Design choices:
   that context, holding back an incomplete UTF-8 character ("\ufffd"), so a character split across tokens and a
   tokenizer that drops a word's leading space when it starts a decode both print correctly.
 - Samples run one after another (each streamed); `Gemma3Model.generate` batches them for library use.
-- Defaults: CUDA in bfloat16 when available, else the CPU in float32 (CPU bfloat16 matmuls are often slower).
+- Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py), bfloat16 on CUDA, float32 elsewhere.
 """
 
 import argparse
