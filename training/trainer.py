@@ -58,7 +58,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .device import DeviceError, autocast_dtype, select_device
+from .device import DeviceError, autocast_dtype, keep_freed_memory_for_reuse, select_device
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .optimizer import configure_optimizer
 from .run_dir import RunDirLock, claim
@@ -286,6 +286,8 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
 
     # Precision: float32 master weights; bf16 autocast where the hardware has bf16 (training/device.py).
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
     model.attention_backend = config.attention_backend
