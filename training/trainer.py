@@ -88,7 +88,7 @@ def resolve_device(config: TrainingConfig) -> torch.device:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             hint = (". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
                     "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
-                    "5 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway")  # fmt: skip
+                    "3 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway")  # fmt: skip
         raise ConfigError(f"{config.source}: {e}{hint}") from None
 
 
