@@ -11,6 +11,11 @@ Design choices:
 - Cache memory is measured on the `KVCache` object itself (allocated on the meta device, so 32k tokens cost
   nothing), for the default 270M config in bfloat16, against a cache that keeps every token in every layer.
 - `--int8-eval` compares the val-set loss of a checkpoint with float and INT8 weights on the same batches.
+- A cached decode step reads every weight once, so its limit is (memory bandwidth) / (weight bytes per token).
+  The benchmark measures the bandwidth itself (the best of 5 copies of a 256 MiB tensor: each reads and writes
+  every byte) and prints, per weight format, decode tokens/s and the fraction of that limit reached; the last line
+  is `int8_speedup_vs_float32=R`. INT8 runs with bfloat16 activations where the CPU has native bf16 (the int8-weight
+  kernel needs them), else float32.
 """
 
 import argparse
@@ -24,7 +29,7 @@ from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
 from architecture.int8 import block_linear_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
-from training.device import select_device
+from training.device import cpu_has_native_bf16, select_device
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
@@ -60,6 +65,54 @@ def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_c
         pass
     sync(prompt.device)
     return (new_tokens - 1) / (time.perf_counter() - start)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes per second the device's memory moves: the best of 5 copies of a 256 MiB tensor (read + write)."""
+    source = torch.ones(64 * 2**20, device=device)
+    target = torch.empty_like(source)
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def weight_bytes_per_token(model: Gemma3Model) -> int:
+    """Bytes of weights a cached decode step reads: every block and norm weight, and the head (the embedding when
+    tied); of the embedding lookup itself only one row, which is negligible."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if not model.config.tie_embeddings:
+        del tensors[id(model.tok_emb.weight)]
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def format_report(config: ModelConfig, device: torch.device, prompt_len: int, new_tokens: int) -> None:
+    """Decode tokens/s per weight format against the memory-bandwidth limit; last line int8_speedup_vs_float32."""
+    bandwidth = memory_bandwidth(device)
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 copies of 256 MiB)")
+    int8_activations = torch.bfloat16 if cpu_has_native_bf16() or device.type == "cuda" else torch.float32
+    int8_name = f"int8 ({str(int8_activations).removeprefix('torch.')} activations)"
+    formats = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
+               int8_name: (int8_activations, True)}  # fmt: skip
+    rates = {}
+    for name, (dtype, int8) in formats.items():
+        torch.manual_seed(0)
+        model = Gemma3Model(config).eval()
+        if int8:
+            quantize_int8(model)
+        model.to(device=device, dtype=dtype)
+        prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
+        decode_rate(model, prompt, 8, use_cache=True)  # warm-up
+        rates[name] = decode_rate(model, prompt, new_tokens, use_cache=True)
+        nbytes = weight_bytes_per_token(model)
+        limit = bandwidth / nbytes
+        print(f"  {name:<28} {rates[name]:8.1f} tok/s  {nbytes / 1e6:7.1f} MB of weights a token  "
+              f"limit {limit:8.1f} tok/s  reached {rates[name] / limit:6.1%}")  # fmt: skip
+    print(f"int8_speedup_vs_float32={rates[int8_name] / rates['float32']:.2f}")
 
 
 def cache_memory_report(config: ModelConfig) -> None:
@@ -167,6 +220,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     speed_report(args, device, dtype)
     cache_memory_report(ModelConfig.from_json(DEFAULT_MODEL_CONFIG))
+    config = ModelConfig.from_json(args.config) if args.config else ModelConfig(**SMALL)
+    format_report(config, device, args.prompt_len, args.new_tokens)
 
 
 if __name__ == "__main__":
