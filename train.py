@@ -11,7 +11,7 @@ import sys
 from architecture import ConfigError, WeightsError
 from architecture.config import INTERNAL_FIELDS
 from data import DataError
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, first_line
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
 from training.run_dir import RunDirError
 from training.trainer import TrainingError, train
@@ -38,16 +38,10 @@ def main() -> None:
     except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
         print("interrupted: stopped without saving; the checkpoints on disk are as they were", file=sys.stderr)
         sys.exit(130)
-    except MemoryError as e:
-        print(
-            f"error: out of memory ({e}); lower batch_size or block_size. Checkpoints on disk are kept", file=sys.stderr
-        )
-        sys.exit(2)
-    except RuntimeError as e:
-        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        reason = str(e).strip().splitlines()[0]
-        print(f"error: out of memory ({reason}); lower batch_size or block_size. Checkpoints on disk are kept",
+        print(f"error: out of memory ({first_line(e)}); lower batch_size or block_size. Checkpoints on disk are kept",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
 

@@ -137,7 +137,7 @@ class HFTokenizer(Tokenizer):
         self.backend.encode_special_tokens = True  # special-token strings in text stay text
         self.json_text, self.origin, self.config_text = json_text, origin, config_text
         self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()
-        special = special or _special_ids_beside(self.backend, Path(origin))
+        special = special or _special_ids_beside(self.backend, Path(origin), config_text)
         self.bos_id, self.eos_id = special["bos_id"], special["eos_id"]
         self.stop_ids = frozenset(special["stop_ids"]) | {self.eos_id}
         emitted = [i for i, t in self.backend.get_added_tokens_decoder().items() if not t.special]
@@ -163,13 +163,15 @@ def _ids(value) -> set[int]:
     return set() if value is None else {value} if isinstance(value, int) else set(value)
 
 
-def _special_ids_beside(backend, path: Path) -> dict:
-    """bos / eos / stop ids from tokenizer_config.json, config.json and generation_config.json next to `path`."""
+def _special_ids_beside(backend, path: Path, config_text: str | None) -> dict:
+    """bos / eos / stop ids from the tokenizer's tokenizer_config.json (`config_text`, as load_tokenizer read it),
+    and from config.json and generation_config.json next to `path`."""
     directory = path if path.is_dir() else path.parent
     configs = {}
     for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
         try:
-            configs[name] = json.loads((directory / name).read_text())
+            text = config_text if name == "tokenizer_config.json" else (directory / name).read_text()
+            configs[name] = json.loads(text) if text is not None else {}
         except (OSError, ValueError):
             configs[name] = {}
 

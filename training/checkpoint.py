@@ -41,15 +41,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch reports a failed write as either ("unexpected pos ...")
+    except BaseException as e:
         full = shutil.disk_usage(path.parent).free < (tmp.stat().st_size if tmp.exists() else 0) + 2**20
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as either ("unexpected pos")
+            raise
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         reason = "the disk is full" if full else first_line(e)
         raise CheckpointError(f"cannot write {path} ({reason}); {kept}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     os.replace(tmp, path)
 
 

@@ -47,12 +47,13 @@ from architecture.hf_weights import hub_snapshot
 from data.loader import BatchLoader
 from data.meta import dataset_tokenizer
 from data.prepare import DATA_ROOT, ensure_prepared
-from data.tokenizer import Tokenizer, gpt2, load_tokenizer, tokenizer_from_record
+from data.tokenizer import Tokenizer, gpt2, tokenizer_from_record
 
 from .checkpoint import (
     CheckpointError,
     check_tokenizer_fits,
     load_checkpoint,
+    load_model,
     model_from_checkpoint,
     read_iter_num,
     save_checkpoint,
@@ -111,12 +112,7 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
     if not directory.exists() and config.init_from.count("/") == 1:  # a hub id such as google/gemma-3-270m
         directory = hub_snapshot(config.init_from)
     if (directory / "config.json").is_file():
-        if not (directory / "tokenizer.json").is_file():
-            raise ConfigError(f"{config.source}: init_from {directory} has no tokenizer.json, so the model's "
-                              "tokenizer is unknown; copy in the one it was trained with")  # fmt: skip
-        model, tokenizer = Gemma3Model.from_hf(str(directory)), load_tokenizer(directory)
-        check_tokenizer_fits(model, tokenizer, directory)
-        return model, tokenizer, None
+        return *load_model(directory), None
     raise ConfigError(
         f"{config.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model directory "
         "(config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
