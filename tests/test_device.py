@@ -2,12 +2,11 @@
 hardware here), and training under CPU bf16 autocast (exact resume, compiled against eager)."""
 
 import signal
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import losses, run_config, run_train, train_process
+from test_training import losses, run_config, run_train, train_process, wait_for_iteration
 
 from architecture import attention
 from training import device as device_module
@@ -96,10 +95,7 @@ def bf16_straight(tmp_path_factory):
 def test_bf16_ctrl_c_then_resume_gives_identical_losses(bf16_straight, tmp_path):
     config = run_config(tmp_path, dtype="bfloat16")
     process = train_process(config, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"iter": 3,' in metrics.read_text()):
-        time.sleep(0.05)
+    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 3, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] < 12, output

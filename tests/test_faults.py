@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import REPO, TINY_MODEL, losses, run_config, run_train, train_process
+from test_training import REPO, TINY_MODEL, losses, run_config, run_train, train_process, wait_for_iteration
 
 from data.prepare import ensure_prepared
 from data.tokenizer import gpt2
@@ -37,13 +36,6 @@ def refused(config: Path, *args: str, fragments: tuple[str, ...] = (), env: dict
     output, _ = process.communicate(timeout=300)
     expect_refusal(output, process.returncode, *fragments)
     return output
-
-
-def wait_for_iteration(metrics: Path, iteration: int, process: subprocess.Popen) -> None:
-    deadline = time.time() + 120
-    while not (metrics.exists() and f'"iter": {iteration},' in metrics.read_text()):
-        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,14 @@ def train_process(config: Path, *args: str, env: dict | None = None, **popen) ->
     )  # fmt: skip
 
 
+def wait_for_iteration(metrics: Path, iteration: int, process: subprocess.Popen) -> None:
+    """Wait until a running train.py has logged `iteration` to its metrics.jsonl."""
+    deadline = time.time() + 120
+    while not (metrics.exists() and f'"iter": {iteration},' in metrics.read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+
+
 def run_train(config: Path, *args: str) -> str:
     process = train_process(config, *args)
     output, _ = process.communicate(timeout=300)
@@ -197,10 +205,7 @@ def test_plot_range_leaves_out_the_first_drop():
 def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     config = run_config(tmp_path)
     process = train_process(config, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"iter": 3' in metrics.read_text()):
-        time.sleep(0.05)
+    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 3, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
