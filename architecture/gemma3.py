@@ -259,11 +259,16 @@ class Gemma3Model(nn.Module):
         B, T = idx.shape
         if T > cfg.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {cfg.context_length}")
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
+        return self._blocks(idx, positions, cache)
+
+    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Embed `idx` at `positions` and run every block; with a cache, its `begin` has prepared the step."""
+        cfg = self.config
+        T = idx.size(1)
         x = self.tok_emb(idx)
         # transformers rounds the scale to the activation dtype (sqrt(640) becomes 25.25 in bfloat16); so do we.
         x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype)
-
-        positions = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
         rope = {
             "sliding_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, x.dtype),
             "full_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_base, x.dtype),
@@ -280,6 +285,30 @@ class Gemma3Model(nn.Module):
             else:
                 x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
         return x
+
+    def decode_step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """float32 logits (B, vocab) after `token` (B, 1) at `positions` (from `cache.begin(1)`), cached.
+
+        Every shape is fixed and no Python number depends on the position, so `compile_decode` can compile it."""
+        return self._last_logits(self._blocks(token, positions, cache))
+
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the last position only: all that generation needs."""
+        return self.lm_head(self.final_norm(hidden[:, -1])).float()
+
+    def compile_decode(self) -> None:
+        """Compile `decode_step` for this model (inference only): one fused program per cache size instead of a
+        few hundred small kernels a token. With `freezing`, the weights are constants of the program, which lets
+        inductor pre-pack them into the CPU matmul library's (oneDNN's) layout once."""
+        compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+        # Read when a cache size is first compiled. concat_linear: q/k/v and gate/up become one matmul each.
+        options = {"freezing": True, "cpp.enable_concat_linear": True}
+
+        def frozen_decode_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            with torch._inductor.config.patch(options):
+                return compiled(token, positions, cache)
+
+        self.decode_step = frozen_decode_step
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and in its dtype (max_len defaults to context_length)."""
@@ -303,16 +332,14 @@ class Gemma3Model(nn.Module):
         """
         C = self.config.context_length
         cache = self.make_cache(idx.size(0), min(C, idx.size(1) + max_new_tokens)) if use_cache else None
-        context = idx[:, -C:]
+        context = idx[:, -C:]  # what the next forward reads: the prompt, then each new token
         for _ in range(max_new_tokens):
-            if cache is None:
-                hidden = self._hidden(idx[:, -C:], None)
-            elif cache.pos + context.size(1) > cache.max_len:  # past context_length: re-prefill the last C
-                cache.reset()
-                hidden = self._hidden(idx[:, -C:], cache)
-            else:
-                hidden = self._hidden(context, cache)
-            logits = self.lm_head(self.final_norm(hidden[:, -1]))  # only the last position is needed
+            if cache is not None and context.size(1) == 1 and cache.pos < cache.max_len:
+                logits = self.decode_step(context, cache.begin(1), cache)
+            else:  # no cache; or the prompt; or past context_length, where the cache re-prefills the last C tokens
+                if cache is not None:
+                    cache.reset()
+                logits = self._last_logits(self._hidden(idx[:, -C:], cache))
             context = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, context), dim=1)
             yield context

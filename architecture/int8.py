@@ -3,9 +3,12 @@
 Design choices:
 - Symmetric, one scale per output channel (row of the weight): w ~= q * scale with q in [-127, 127]. Per-channel
   scales follow each row's range, which is what keeps the error small without calibration data.
-- Only the blocks' projections are quantized (attention q/k/v/o and the GeGLU gate/up/down: all but 0.1% of the
-  non-embedding weights, 61% of the default model's parameters). The embedding and the output head stay in
-  float: the head sees every logit, and a tied head is the embedding.
+- The blocks' projections (attention q/k/v/o and the GeGLU gate/up/down) and the output head are quantized; the
+  norms and the embedding stay in float. A cached decode step reads every weight once, so its speed follows the
+  bytes it reads, and the head is a large share of them (the default model's 50,257 x 640 head is 39% of its
+  weights; in the small CPU benchmark config it is 69%). A tied head gets its own int8 copy: the embedding
+  lookup reads one float row a token, the head reads the int8 copy. Per-row scales keep every logit's error
+  within its own row's rounding (the INT8 perplexity change is measured by bench_generate.py --int8-eval).
 - The forward dequantizes on the fly, as gpt-fast does: `linear(x, q.to(x.dtype)) * scale`. Applying the scale to
   the output instead of the weight costs one multiply per output, not per weight. On the CPU in bfloat16, PyTorch's
   int8-weight kernel (`aten._weight_int8pack_mm`) does the same without materialising the dequantized weight and
@@ -43,19 +46,21 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside `model.blocks` with an `Int8Linear`, in place; returns `model`."""
+    """Replace every nn.Linear inside `model.blocks`, and the output head, with an `Int8Linear`, in place; returns
+    `model`."""
     for block in model.blocks:
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear(child))
+    model.lm_head = Int8Linear(model.lm_head)
     return model
 
 
-def block_linear_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the blocks' Linear weights as they are now, and as bfloat16 and float32 would store them."""
+def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the Linear weights (blocks and head) as they are now, and as bfloat16 and float32 would store them."""
     stored = numel = 0
-    for module in model.blocks.modules():
+    for module in [*model.blocks.modules(), model.lm_head]:
         if isinstance(module, Int8Linear):
             numel += module.weight.numel()
             stored += module.weight.numel() + module.scale.numel() * module.scale.element_size()

@@ -14,9 +14,15 @@ Design choices:
 - A chunk of several tokens (prefill) attends over [old ring entries, its own keys] with the sliding rule, then
   only its last `ring` keys are written, so the ring holds exactly the keys later tokens can still see. A chunk
   at position 0 has no old entries: it takes the uncached path's attention (causal, or window by window past
-  the window), so a long prompt costs T x window there, not T^2. A single token (decode) is written first, then
-  attends over the ring in place, with no mask once the ring is full.
+  the window), so a long prompt costs T x window there, not T^2.
+- A single token (decode) has static shapes: `begin` turns its position into tensors (write slots, masks over
+  the whole buffer), and every layer writes with `index_copy_` and attends over its whole buffer under its mask.
+  No shape and no Python number inside the step depends on the position, so a compiled decode step
+  (`Gemma3Model.compile_decode`) is traced once per cache size and then replays at every position. The cost is
+  attending over unfilled slots of full layers, and the cache is sized to the generation, so that is small.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,19 @@ def kv_cache_bytes(config: ModelConfig, tokens: int, dtype_bytes: int, rings: bo
     per_entry = 2 * config.n_kv_groups * config.head_dim * dtype_bytes  # a key and a value
     sliding_entries = min(tokens, config.sliding_window) if rings else tokens
     return sum(per_entry * (sliding_entries if kind == "sliding_attention" else tokens) for kind in config.layer_types)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Attention of one query per head, q (B, H, 1, hd), over keys/values (B, n_kv, S, hd) where `mask` (1, S).
+
+    Two small matmuls and a float32 softmax: for a single query that is cheaper than SDPA's kernel (about 50 us a
+    call on a CPU), and the H / n_kv query heads that share a key head become rows of one matmul, so keys and
+    values are never repeated per head."""
+    B, H, _, hd = q.shape
+    grouped = q.view(B, keys.size(1), H // keys.size(1), hd)  # (B, n_kv, heads per key head, hd)
+    scores = (grouped @ keys.transpose(-1, -2)).float() * scale
+    weights = scores.masked_fill(~mask, -math.inf).softmax(dim=-1).to(values.dtype)
+    return (weights @ values).view(B, H, 1, hd)
 
 
 class KVCache:
@@ -55,6 +74,7 @@ class KVCache:
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.slot_pos = torch.full((self.ring,), -1, device=device, dtype=torch.long)
+        self.full_slots = torch.arange(max_len, device=device)  # full layers hold position p at slot p
         self.pos = 0  # tokens cached so far; the next token's absolute position
 
     def reset(self) -> None:
@@ -74,38 +94,49 @@ class KVCache:
         device = self.slot_pos.device
         positions = torch.arange(start, end, device=device)
         self.start, self.end = start, end
+        self.pos = end
+        if T == 1:
+            self._begin_decode(positions)
+            return positions
 
-        # Full layers: a lone token sees every cached key; a chunk from position 0 is plain causal; a later chunk
-        # needs an explicit mask because SDPA's is_causal aligns to the top-left corner.
-        self.full_causal = T > 1 and start == 0
+        # Full layers: a chunk from position 0 is plain causal; a later chunk needs an explicit mask because SDPA's
+        # is_causal aligns to the top-left corner.
+        self.full_causal = start == 0
         self.full_mask = None
-        if T > 1 and start > 0:
+        if start > 0:
             self.full_mask = torch.arange(end, device=device)[None, :] <= positions[:, None]
 
         # Sliding layers: key positions in attention order, then the ring update.
         n_written = min(T, self.ring)
         written = positions[T - n_written :]
-        if T == 1:
-            self.slot_pos[start % self.ring] = start
-            key_pos = self.slot_pos
-        else:
-            key_pos = torch.cat((self.slot_pos, positions))
-            self.slot_pos[written % self.ring] = written
+        key_pos = torch.cat((self.slot_pos, positions))
+        self.slot_pos[written % self.ring] = written
         self.write_slots, self.n_written = written % self.ring, n_written
-        self.first_chunk = T > 1 and start == 0
+        self.first_chunk = start == 0
         if self.first_chunk:
             self.first_chunk_mask: Mask = sliding_mask(T, self.window, device, backend="sdpa")
-        elif T == 1 and end >= self.ring:
-            self.sliding_mask = None  # a full ring holds exactly the window
         else:
             q = positions[:, None]
             self.sliding_mask = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
-        self.pos = end
         return positions
+
+    def _begin_decode(self, position: torch.Tensor) -> None:
+        """Slots and masks of one decoded token at `position` (1,), as tensors of fixed shapes."""
+        self.ring_slot = position % self.ring
+        self.slot_pos.index_copy_(0, self.ring_slot, position)
+        self.decode_position = position
+        self.ring_mask = ((self.slot_pos >= 0) & (self.slot_pos > position - self.window))[None, :]  # (1, ring)
+        self.full_decode_mask = (self.full_slots <= position)[None, :]  # (1, max_len)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Store this forward's `k`, `v` (B, n_kv, T, hd) for `layer` and attend queries `q` over the cache."""
         k_cache, v_cache = self.keys[layer], self.values[layer]
+        if k.size(2) == 1:
+            slots, mask = (self.ring_slot, self.ring_mask) if self.sliding[layer] else (
+                self.decode_position, self.full_decode_mask)  # fmt: skip
+            k_cache.index_copy_(2, slots, k)
+            v_cache.index_copy_(2, slots, v)
+            return decode_attention(q, k_cache, v_cache, mask, scale)
         if not self.sliding[layer]:
             k_cache[:, :, self.start : self.end] = k
             v_cache[:, :, self.start : self.end] = v
@@ -113,19 +144,13 @@ class KVCache:
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=self.full_mask, is_causal=self.full_causal, scale=scale, enable_gqa=gqa
             )
-        if k.size(2) == 1:
-            slot = self.start % self.ring
-            k_cache[:, :, slot : slot + 1] = k
-            v_cache[:, :, slot : slot + 1] = v
-            keys, values = k_cache, v_cache
-        else:
-            # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
-            if not self.first_chunk:
-                keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
-            k_cache[:, :, self.write_slots] = k[:, :, -self.n_written :]
-            v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
-            if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
-                return attend(q, k, v, self.first_chunk_mask, scale)
+        # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
+        if not self.first_chunk:
+            keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
+        k_cache[:, :, self.write_slots] = k[:, :, -self.n_written :]
+        v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
+        if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
+            return attend(q, k, v, self.first_chunk_mask, scale)
         keys, values, gqa = kv_heads_for_sdpa(q, keys, values)
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa

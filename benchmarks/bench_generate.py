@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
-from architecture.int8 import block_linear_bytes, quantize_int8
+from architecture.int8 import linear_weight_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
 from training.device import cpu_has_native_bf16, select_device
 
@@ -156,11 +156,11 @@ def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         recomputed = decode_rate(model, prompt, args.new_tokens, use_cache=False)
         print(f"  decode, recomputation: {recomputed:10.1f} tokens/s  (cache is {cached / recomputed:.1f}x faster)")
     if args.int8:
-        sizes = block_linear_bytes(quantize_int8(model))
+        sizes = linear_weight_bytes(quantize_int8(model))
         int8 = decode_rate(model, prompt, args.new_tokens, use_cache=True)
         print(f"  decode with cache, int8 weights: {int8:10.1f} tokens/s")
         print(
-            f"  block Linear weights: int8 {sizes['stored'] / 2**20:.1f} MiB, bfloat16 "
+            f"  Linear weights (blocks and head): int8 {sizes['stored'] / 2**20:.1f} MiB, bfloat16 "
             f"{sizes['bfloat16'] / 2**20:.1f} MiB ({sizes['bfloat16'] / sizes['stored']:.2f}x), float32 "
             f"{sizes['float32'] / 2**20:.1f} MiB ({sizes['float32'] / sizes['stored']:.2f}x)"
         )
