@@ -12,10 +12,11 @@ Design choices:
   nothing), for the default 270M config in bfloat16, against a cache that keeps every token in every layer.
 - `--int8-eval` compares the val-set loss of a checkpoint with float and INT8 weights on the same batches.
 - A cached decode step reads every weight once, so its limit is (memory bandwidth) / (weight bytes per token).
-  The benchmark measures the bandwidth itself (the best of 5 copies of a 256 MiB tensor: each reads and writes
-  every byte) and prints, per weight format, decode tokens/s and the fraction of that limit reached; the last line
-  is `int8_speedup_vs_float32=R`. INT8 runs with bfloat16 activations where the CPU has native bf16 (the int8-weight
-  kernel needs them), else float32.
+  The benchmark measures the read bandwidth itself (the best of 5 sums over a 1 GiB tensor, larger than any
+  cache) and prints, per weight format, decode tokens/s eager and with the compiled decode step
+  (`Gemma3Model.compile_decode`), and the fraction of that limit reached; the last line is
+  `int8_speedup_vs_float32=R`, compiled against compiled (each format's fastest). INT8 runs with bfloat16
+  activations where the CPU has native bf16 (the int8-weight kernel needs them), else float32.
 """
 
 import argparse
@@ -68,17 +69,16 @@ def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_c
 
 
 def memory_bandwidth(device: torch.device) -> float:
-    """Bytes per second the device's memory moves: the best of 5 copies of a 256 MiB tensor (read + write)."""
-    source = torch.ones(64 * 2**20, device=device)
-    target = torch.empty_like(source)
+    """Bytes per second the device's memory reads: the best of 5 sums over a 1 GiB tensor."""
+    source = torch.ones(2**28, device=device)
     best = math.inf
     for _ in range(5):
         sync(device)
         start = time.perf_counter()
-        target.copy_(source)
+        source.sum()
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * source.element_size() / best
+    return source.numel() * source.element_size() / best
 
 
 def weight_bytes_per_token(model: Gemma3Model) -> int:
@@ -93,7 +93,7 @@ def weight_bytes_per_token(model: Gemma3Model) -> int:
 def format_report(config: ModelConfig, device: torch.device, prompt_len: int, new_tokens: int) -> None:
     """Decode tokens/s per weight format against the memory-bandwidth limit; last line int8_speedup_vs_float32."""
     bandwidth = memory_bandwidth(device)
-    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 copies of 256 MiB)")
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB)")
     int8_activations = torch.bfloat16 if cpu_has_native_bf16() or device.type == "cuda" else torch.float32
     int8_name = f"int8 ({str(int8_activations).removeprefix('torch.')} activations)"
     formats = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
@@ -106,13 +106,20 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
             quantize_int8(model)
         model.to(device=device, dtype=dtype)
         prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
-        decode_rate(model, prompt, 8, use_cache=True)  # warm-up
-        rates[name] = decode_rate(model, prompt, new_tokens, use_cache=True)
         nbytes = weight_bytes_per_token(model)
         limit = bandwidth / nbytes
-        print(f"  {name:<28} {rates[name]:8.1f} tok/s  {nbytes / 1e6:7.1f} MB of weights a token  "
-              f"limit {limit:8.1f} tok/s  reached {rates[name] / limit:6.1%}")  # fmt: skip
-    print(f"int8_speedup_vs_float32={rates[int8_name] / rates['float32']:.2f}")
+        for compiled in (False, True):
+            if compiled:
+                model.compile_decode()
+            decode_rate(model, prompt, new_tokens, use_cache=True)  # warm-up (and compilation) at this cache size
+            rates[name, compiled] = rate = decode_rate(model, prompt, new_tokens, use_cache=True)
+            print(f"  {name:<28} {'compiled' if compiled else 'eager':>8} {rate:8.1f} tok/s  {nbytes / 1e6:7.1f} "
+                  f"MB of weights a token  limit {limit:8.1f} tok/s  reached {rate / limit:6.1%}")  # fmt: skip
+    for compiled in (False, True):
+        label = "compiled" if compiled else "eager"
+        print(f"  {label}: bfloat16 / float32 {rates['bfloat16', compiled] / rates['float32', compiled]:.2f}, "
+              f"int8 / float32 {rates[int8_name, compiled] / rates['float32', compiled]:.2f}")  # fmt: skip
+    print(f"int8_speedup_vs_float32={rates[int8_name, True] / rates['float32', True]:.2f}")
 
 
 def cache_memory_report(config: ModelConfig) -> None:
@@ -167,27 +174,35 @@ def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 
 def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
-    """Val loss and perplexity of a checkpoint with float32 and with INT8 block weights, on identical batches."""
+    """Val loss and perplexity of a checkpoint per weight format (float32; bfloat16 and int8 with bfloat16
+    activations where they are native, else int8 with float32 activations), on identical batches."""
     from data.loader import BatchLoader
     from training.checkpoint import load_model
 
-    model, tokenizer = load_model(args.ckpt)
-    model.eval().to(device)
-    block = min(args.block_size, model.config.context_length)
+    native_bf16 = cpu_has_native_bf16() or device.type == "cuda"
+    formats = [("float32", torch.float32, False)]
+    if native_bf16:
+        formats += [("bfloat16", torch.bfloat16, False), ("int8, bfloat16 activations", torch.bfloat16, True)]
+    else:
+        formats += [("int8, float32 activations", torch.float32, True)]
     losses = {}
-    for label in ("float32", "int8"):
-        if label == "int8":
-            quantize_int8(model)
+    for label, dtype, int8 in formats:
+        model, tokenizer = load_model(args.ckpt)
+        if int8:
+            quantize_int8(model)  # from the float32 weights
+        model.eval().to(device=device, dtype=dtype)
+        block = min(args.block_size, model.config.context_length)
         loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0, tokenizer=tokenizer)
         total = 0.0
-        print(f"  {label:>7}: {args.eval_batches} batches of {args.batch_size} x {block} tokens...", flush=True)
+        print(f"  {label}: {args.eval_batches} batches of {args.batch_size} x {block} tokens...", flush=True)
         with torch.no_grad():
             for _ in tqdm(range(args.eval_batches), desc=label, leave=False, disable=None):  # bar on a terminal only
                 x, y = loader.next_batch()
                 total += model(x, y)[1].item()
         losses[label] = total / args.eval_batches
-        print(f"  {label:>7}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f}")
-    change = math.exp(losses["int8"] - losses["float32"]) - 1
+        change = math.exp(losses[label] - losses["float32"]) - 1
+        print(f"  {label}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f} "
+              f"({100 * change:+.2f}% against float32)")  # fmt: skip
     print(f"  int8 perplexity change: {100 * change:+.2f}%  ({args.eval_batches} batches of {args.batch_size}x{block})")
 
 

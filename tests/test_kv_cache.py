@@ -75,3 +75,15 @@ def test_overfilling_the_cache_is_an_error():
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="max_len"):
         KVCache(model.config, batch_size=1, max_len=1000)
+
+
+def test_compiled_decode_step_equals_eager_and_compiles_once_per_cache_size():
+    model = tiny_model()
+    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = model.generate(prompt, 40, temperature=0)  # past the 16-token window: the rings wrap
+    model.compile_decode()
+    torch._dynamo.reset()
+    # A recompilation at any later position would raise: positions live in tensors, not in the traced program.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(model.generate(prompt, 40, temperature=0), expected)
+        assert torch.equal(model.generate(prompt, 40, temperature=0), expected)  # the same cache size: no recompile

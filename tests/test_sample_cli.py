@@ -14,6 +14,7 @@ from tokenizers.pre_tokenizers import Whitespace
 import sample
 from architecture import Gemma3Model
 from data.tokenizer import gpt2
+from training import device
 from training.checkpoint import load_model, save_checkpoint
 
 encode, decode, EOT_ID = gpt2().encode, gpt2().decode, gpt2().eos_id
@@ -72,7 +73,7 @@ def expect_error(capsys, match: str, *argv):
 
 def test_cli_streams_greedy_text_and_reports_speed(run_dir):
     command = [sys.executable, "sample.py", "--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens",
-               "12", "--temperature", "0", "--num-samples", "2"]  # fmt: skip
+               "12", "--temperature", "0", "--num-samples", "2", "--dtype", "float32"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     state = torch.load(run_dir / "best.pt", weights_only=True)
@@ -91,7 +92,22 @@ def test_seeded_sampling_is_reproducible_and_int8_runs(run_dir, capsys):
     args = ["--ckpt", str(run_dir / "best.pt"), "--max-new-tokens", "10", "--top-k", "50", "--top-p", "0.9"]
     first = run_main(capsys, *args, "--seed", "3").out
     assert first == run_main(capsys, *args, "--seed", "3").out
-    assert "float32 + int8 weights" in run_main(capsys, *args, "--int8").err
+    assert "float32 + int8 weights" in run_main(capsys, *args, "--int8", "--dtype", "float32").err
+
+
+def test_compiled_decode_step_streams_the_same_text(run_dir, capsys):
+    args = ["--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens", "40", "--temperature", "0"]
+    eager = run_main(capsys, *args, "--dtype", "float32")
+    compiled = run_main(capsys, *args, "--dtype", "float32", "--compile")
+    assert compiled.out == eager.out
+    assert "compiled the decode step in" in compiled.err and "float32, compiled)" in compiled.err
+
+
+def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
+    for flags, expected in [({"avx512f"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16)]:
+        monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: flags)
+        assert sample.resolve_device("cpu", "auto") == (torch.device("cpu"), expected)
+    assert sample.resolve_device("cpu", "float32")[1] == torch.float32
 
 
 def test_generation_stops_at_end_of_text(run_dir, capsys, monkeypatch):
