@@ -56,6 +56,21 @@ def cpu_has_native_bf16() -> bool:
     return bool(NATIVE_BF16_FLAGS & cpu_flags())
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's native-bf16 flags, for benchmark reports: e.g. "avx512_bf16", or "no native bf16"."""
+    return " ".join(sorted(NATIVE_BF16_FLAGS & cpu_flags())) or "no native bf16"
+
+
 def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | None, str | None]:
     """(the autocast dtype, or None for float32; a note when bf16 was asked for and float32 runs instead)."""
     if requested != "bfloat16":
