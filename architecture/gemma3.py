@@ -102,14 +102,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t, scale = hidden[rows], safe_targets[rows], row_scale[rows]
-            logits = (h @ weight.t()).float()  # matmul in the autocast dtype, log-softmax in float32
+            logits = (h @ weight.t()).float()  # matmul in the autocast dtype, softmax in float32
             logits[:, vocab_size:] = -math.inf
-            log_probs = torch.log_softmax(logits, dim=-1)
-            loss -= (log_probs.gather(1, t) * scale).sum()
+            # One softmax pass (one exp per logit) gives both the loss and the gradient. The loss is not -log p(t),
+            # which underflows float32 past about 87 nats: with m the row's largest logit, the largest probability
+            # is 1 / sum(exp(logits - m)) >= 1 / vocab, so -log p(t) = m - logit(t) - log(max p), exactly.
+            probs = torch.softmax(logits, dim=-1)
+            top_logit, top_prob = logits.amax(dim=-1, keepdim=True), probs.amax(dim=-1, keepdim=True)
+            loss += ((top_logit - logits.gather(1, t) - top_prob.log()) * scale).sum()
             if needs_grad:
                 # d(row's loss)/d(logits) = softmax - one_hot(target), in place; the row scale goes on the
                 # (rows, dim) operands instead of this (rows, vocab) chunk, which saves a pass over it.
-                grad_logits = log_probs.exp_().scatter_add_(1, t, -torch.ones_like(scale)).to(h.dtype)
+                grad_logits = probs.scatter_add_(1, t, -torch.ones_like(scale)).to(h.dtype)
                 grad_hidden[rows] = (grad_logits @ weight) * scale
                 scaled_h = (h * scale).to(h.dtype)
                 if autocast:  # the matmul in autocast's dtype, the sum in float32

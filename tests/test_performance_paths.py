@@ -114,6 +114,18 @@ def test_linear_cross_entropy_matches_cross_entropy_in_chunks(pad_to):
         assert (got - want).abs().max().item() <= 1e-6
 
 
+def test_linear_cross_entropy_is_exact_where_the_target_probability_underflows_float32():
+    # Logits 300 nats apart: p(target) = exp(-300) is 0 in float32, so -log p would be inf; the loss must not be.
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[300.0, 0.0], [0.0, 0.0], [0.0, 300.0]], requires_grad=True)
+    targets = torch.tensor([1, 0])  # row 0: 300 nats, row 1: 300 + log 2 nats
+    expected = F.cross_entropy((hidden @ weight.t()).double(), targets)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert torch.isfinite(loss) and abs(loss.item() - expected.item()) <= 1e-4 * expected.item()
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
 @pytest.mark.parametrize("precision", ["autocast-bf16", "bf16-weights"])
 @pytest.mark.parametrize("pad_to", [1, 64], ids=["vocab-as-is", "vocab-padded"])
 def test_linear_cross_entropy_in_lower_precision(precision, pad_to):
