@@ -99,23 +99,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        # Two (rows, vocab) buffers serve every chunk: the matmul dtype's and float32's (one and the same in float32).
+        # A fresh 100 MB tensor per chunk and pass costs more than the pass itself on a CPU (page faults, cold cache).
+        shape = (min(chunk_rows, hidden.size(0)), weight.size(0))
+        scores = torch.empty(shape, device=hidden.device, dtype=weight.dtype)
+        probs_buffer = scores if weight.dtype == torch.float32 else torch.empty_like(scores, dtype=torch.float32)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, t, scale = hidden[rows], safe_targets[rows], row_scale[rows]
-            logits = (h @ weight.t()).float()  # matmul in the autocast dtype, softmax in float32
-            logits[:, vocab_size:] = -math.inf
+            h, t, scale = hidden[rows].to(weight.dtype), safe_targets[rows], row_scale[rows]
+            logits = torch.mm(h, weight.t(), out=scores[: h.size(0)])  # in the autocast dtype
+            probs = probs_buffer[: h.size(0)].copy_(logits)  # softmax in float32
+            probs[:, vocab_size:] = -math.inf
             # One softmax pass (one exp per logit) gives both the loss and the gradient. The loss is not -log p(t),
             # which underflows float32 past about 87 nats: with m the row's largest logit, the largest probability
             # is 1 / sum(exp(logits - m)) >= 1 / vocab, so -log p(t) = m - logit(t) - log(max p), exactly.
-            probs = torch.softmax(logits, dim=-1)
-            top_logit, top_prob = logits.amax(dim=-1, keepdim=True), probs.amax(dim=-1, keepdim=True)
-            loss += ((top_logit - logits.gather(1, t) - top_prob.log()) * scale).sum()
+            top_logit, target_logit = probs.amax(dim=-1, keepdim=True), probs.gather(1, t)
+            torch.softmax(probs, dim=-1, out=probs)
+            loss += ((top_logit - target_logit - probs.amax(dim=-1, keepdim=True).log()) * scale).sum()
             if needs_grad:
-                # d(row's loss)/d(logits) = softmax - one_hot(target), in place; the row scale goes on the
-                # (rows, dim) operands instead of this (rows, vocab) chunk, which saves a pass over it.
-                grad_logits = probs.scatter_add_(1, t, -torch.ones_like(scale)).to(h.dtype)
+                # d(row's loss)/d(logits) = softmax - one_hot(target), in place, then in the matmul dtype; the row
+                # scale goes on the (rows, dim) operands instead of this (rows, vocab) chunk, saving a pass over it.
+                grad_logits = logits.copy_(probs.scatter_add_(1, t, -torch.ones_like(scale)))
                 grad_hidden[rows] = (grad_logits @ weight) * scale
-                scaled_h = (h * scale).to(h.dtype)
+                scaled_h = (hidden[rows] * scale).to(weight.dtype)  # scaled before rounding: 1/n_valid is not exact
                 if autocast:  # the matmul in autocast's dtype, the sum in float32
                     grad_weight += grad_logits.t() @ scaled_h
                 else:  # in place: no (vocab, dim) temporary per chunk, which a CPU's memory bandwidth feels
