@@ -13,9 +13,11 @@ Design choices:
   overrides the choice.
 - Training loss without the logits: `model(idx, targets, return_logits=False)` computes the cross-entropy with
   `linear_cross_entropy`, which walks the rows in chunks and computes each chunk's gradient in the forward, so
-  the (B*T, vocab) float32 logits, their log-softmax and its gradient are never held whole (at a 32 x 128
+  the (B*T, vocab) float32 logits, their softmax and its gradient are never held whole (at a 32 x 128
   batch that would be three 823 MB tensors). Nothing is recomputed: the backward only scales the stored
-  gradients. The default `return_logits=True` gives `logits, loss = model(idx, targets)`.
+  gradients. Each chunk is one matmul, one in-place float32 softmax (which yields both the loss and the
+  gradient) and two matmuls for the gradients, in two (rows, vocab) buffers reused by every chunk. The default
+  `return_logits=True` gives `logits, loss = model(idx, targets)`.
 - The vocabulary stays 50,257 wide in the parameters (state-dict shapes, parameter count and HF export); on
   CUDA the loss pads the head to 50,304 rows inside, on the bf16 copy autocast makes anyway, so that its GEMMs
   get aligned shapes, and gives the pad logits -inf.
