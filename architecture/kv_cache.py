@@ -43,9 +43,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     Two small matmuls and a float32 softmax: for a single query that is cheaper than SDPA's kernel (about 50 us a
     call on a CPU), and the H / n_kv query heads that share a key head become rows of one matmul, so keys and
-    values are never repeated per head."""
+    values are never repeated per head. Compiled, the same products are written as broadcast multiply-and-sum,
+    which inductor fuses into two loops over the cache; its batched-matmul path copied the transposed keys of
+    every layer at every step (INT8 decode on the small CPU config: 953 tok/s with it, 1,127 without)."""
     B, H, _, hd = q.shape
     grouped = q.view(B, keys.size(1), H // keys.size(1), hd)  # (B, n_kv, heads per key head, hd)
+    if torch.compiler.is_compiling():  # eager, this would hold (B, n_kv, heads per key head, S, hd) floats
+        scores = (grouped[:, :, :, None, :].float() * keys[:, :, None, :, :].float()).sum(-1) * scale
+        weights = scores.masked_fill(~mask, -math.inf).softmax(dim=-1)
+        out = (weights[..., None] * values[:, :, None, :, :].float()).sum(-2).to(values.dtype)
+        return out.view(B, H, 1, hd)
     scores = (grouped @ keys.transpose(-1, -2)).float() * scale
     weights = scores.masked_fill(~mask, -math.inf).softmax(dim=-1).to(values.dtype)
     return (weights @ values).view(B, H, 1, hd)
