@@ -48,9 +48,8 @@ __all__ = ["IGNORE_INDEX", "Gemma3Model", "linear_cross_entropy", "sample_next_t
 
 IGNORE_INDEX = -100  # targets with this id (padding) do not count in the loss, as in F.cross_entropy
 # Rows of logits alive at once in linear_cross_entropy: 1024 on a GPU (206 MB of float32 at 50,257 entries), 512 on
-# a CPU, measured on a 2-core AVX512-BF16 EPYC at 2,048 x 128 hidden states, forward + backward: in float32 64 rows
-# took 604 ms and 512 rows 495 ms; in bf16 autocast 298 ms and 222 ms (fewer passes over the weight gradient), and
-# 1,024 rows no better (benchmarks/results/train_cpu.md).
+# a CPU: the fastest of 64 to 2,048 rows in float32 and in bf16 autocast on a 2-core AVX512-BF16 EPYC, where fewer,
+# larger chunks mean fewer passes over the weight gradient (benchmarks/results/train_cpu.md).
 CE_CHUNK_ROWS = {"cuda": 1024, "cpu": 512}
 
 
@@ -313,7 +312,7 @@ class Gemma3Model(nn.Module):
     def compile_decode(self) -> None:
         """Compile `decode_step` for this model (inference only): one fused program per cache size instead of a
         few hundred small kernels a token. With `freezing`, the weights are constants of the program, which lets
-        inductor pre-pack them into the CPU matmul library's (oneDNN's) layout once."""
+        inductor pre-pack them once into the CPU matmul libraries' layouts (MKL's for float32, oneDNN's for bf16)."""
         compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
         # Read when a cache size is first compiled. concat_linear: q/k/v and gate/up become one matmul each.
         options = {"freezing": True, "cpp.enable_concat_linear": True}
