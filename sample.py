@@ -17,7 +17,8 @@ Design choices:
 - Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py); bfloat16 on CUDA and on CPUs with
   native bf16 (a decode step reads every weight once, so half the bytes is about twice the speed), float32 elsewhere.
 - `--compile` compiles the decode step (`Gemma3Model.compile_decode`) and warms it up on the prompt before the
-  first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own.
+  first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own. A failed
+  compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
 """
 
 import argparse
@@ -33,7 +34,7 @@ from architecture.config import DTYPES
 from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import Tokenizer
-from training.checkpoint import CheckpointError, load_model
+from training.checkpoint import CheckpointError, first_line, load_model
 from training.device import DeviceError, cpu_has_native_bf16, select_device
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
@@ -123,16 +124,23 @@ def stream_sample(
     return len(new_ids), time.perf_counter() - start
 
 
-def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_tokens: int) -> None:
-    """Compile the decode step for this generation's cache size (prompt + new tokens) by decoding two tokens."""
+def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_tokens: int) -> bool:
+    """Compile the decode step for this generation's cache size (prompt + new tokens) by decoding two tokens;
+    whether it compiled (else the step stays uncompiled, with a note)."""
     model.compile_decode()
     if max_new_tokens < 2:
-        return
+        return True
     start = time.perf_counter()
     idx = torch.tensor([prompt_ids], device=model.tok_emb.weight.device)
-    for _ in itertools.islice(model.generate_stream(idx, max_new_tokens, temperature=0), 2):
-        pass
+    try:
+        for _ in itertools.islice(model.generate_stream(idx, max_new_tokens, temperature=0), 2):
+            pass
+    except Exception as e:  # torch.compile fails in many ways (no C++ compiler, a backend gap on this device)
+        del model.decode_step  # back to the uncompiled method
+        print(f"note: --compile failed, decoding uncompiled: {first_line(e)}", file=sys.stderr)
+        return False
     print(f"compiled the decode step in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return True
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -155,8 +163,7 @@ def run(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         prompt_ids = prompt_ids[-context:]
-    if args.compile:
-        compile_and_warm_up(model, prompt_ids, args.max_new_tokens)
+    compiled = args.compile and compile_and_warm_up(model, prompt_ids, args.max_new_tokens)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     total_tokens = total_seconds = 0.0
     for i in range(args.num_samples):
@@ -167,7 +174,7 @@ def run(argv: list[str] | None = None) -> None:
         total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
     rate = total_tokens / total_seconds if total_seconds else 0.0
     precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"
-    precision += ", compiled" if args.compile else ""
+    precision += ", compiled" if compiled else ""
     print(
         f"{int(total_tokens)} tokens in {total_seconds:.2f} s: {rate:.1f} tokens/s "
         f"({len(prompt_ids)}-token prompt, {device}, {precision})",

@@ -103,6 +103,17 @@ def test_compiled_decode_step_streams_the_same_text(run_dir, capsys):
     assert "compiled the decode step in" in compiled.err and "float32, compiled)" in compiled.err
 
 
+def test_a_failed_compilation_falls_back_to_the_uncompiled_step(run_dir, capsys):
+    args = ["--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens", "12", "--temperature", "0"]
+    eager = run_main(capsys, *args, "--dtype", "float32")
+    torch._dynamo.reset()  # nothing cached from other tests: the compiler really runs
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-compiler",)}):  # a machine without a C++ compiler
+        failed = run_main(capsys, *args, "--dtype", "float32", "--compile")
+    assert failed.out == eager.out
+    assert "note: --compile failed, decoding uncompiled:" in failed.err and "compiled)" not in failed.err
+    assert "Traceback" not in failed.err
+
+
 def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     for flags, expected in [({"avx512f"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16)]:
         monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: flags)
