@@ -35,7 +35,7 @@ from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import Tokenizer
 from training.checkpoint import CheckpointError, first_line, load_model
-from training.device import DeviceError, cpu_has_native_bf16, select_device
+from training.device import DeviceError, native_bf16, select_device
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 
@@ -82,10 +82,7 @@ def resolve_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     except DeviceError as e:
         raise SampleError(f"--device: {e}") from None
     if dtype == "auto":
-        native = (
-            torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_native_bf16()
-        )
-        dtype = "bfloat16" if native else "float32"
+        dtype = "bfloat16" if native_bf16(device) else "float32"
     return device, getattr(torch, dtype)
 
 
@@ -128,8 +125,6 @@ def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_token
     """Compile the decode step for this generation's cache size (prompt + new tokens) by decoding two tokens;
     whether it compiled (else the step stays uncompiled, with a note)."""
     model.compile_decode()
-    if max_new_tokens < 2:
-        return True
     start = time.perf_counter()
     idx = torch.tensor([prompt_ids], device=model.tok_emb.weight.device)
     try:

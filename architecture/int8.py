@@ -1,4 +1,4 @@
-"""Weight-only INT8 quantization of the blocks' Linear layers, for inference.
+"""Weight-only INT8 quantization of the blocks' Linear layers and the output head, for inference.
 
 Design choices:
 - Symmetric, one scale per output channel (row of the weight): w ~= q * scale with q in [-127, 127]. Per-channel

@@ -108,10 +108,8 @@ class KVCache:
 
         # Full layers: a chunk from position 0 is plain causal; a later chunk needs an explicit mask because SDPA's
         # is_causal aligns to the top-left corner.
-        self.full_causal = start == 0
-        self.full_mask = None
-        if start > 0:
-            self.full_mask = torch.arange(end, device=device)[None, :] <= positions[:, None]
+        self.first_chunk = start == 0
+        self.full_mask = None if self.first_chunk else self.full_slots[None, :end] <= positions[:, None]
 
         # Sliding layers: key positions in attention order, then the ring update.
         n_written = min(T, self.ring)
@@ -119,7 +117,6 @@ class KVCache:
         key_pos = torch.cat((self.slot_pos, positions))
         self.slot_pos[written % self.ring] = written
         self.write_slots, self.n_written = written % self.ring, n_written
-        self.first_chunk = start == 0
         if self.first_chunk:
             self.first_chunk_mask: Mask = sliding_mask(T, self.window, device, backend="sdpa")
         else:
@@ -149,7 +146,7 @@ class KVCache:
             v_cache[:, :, self.start : self.end] = v
             keys, values, gqa = kv_heads_for_sdpa(q, k_cache[:, :, : self.end], v_cache[:, :, : self.end])
             return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=self.full_mask, is_causal=self.full_causal, scale=scale, enable_gqa=gqa
+                q, keys, values, attn_mask=self.full_mask, is_causal=self.first_chunk, scale=scale, enable_gqa=gqa
             )
         # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
         if not self.first_chunk:

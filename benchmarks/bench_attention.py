@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from architecture import REPO_ROOT, ModelConfig
 from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask
-from training.device import select_device
+from training.device import DeviceError, select_device
 
 
 def dense_attend(q, k, v, mask, scale):
@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the results as markdown to this file")
     args = parser.parse_args()
-    device = select_device(args.device)
+    try:
+        device = select_device(args.device)
+    except DeviceError as e:
+        parser.error(str(e))
     cuda = device.type == "cuda"
     config_path = Path(args.model_config or REPO_ROOT / "config" / ("model_config.json" if cuda else "demo_model.json"))
     config = ModelConfig.from_json(config_path)

@@ -30,7 +30,7 @@ from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
 from architecture.int8 import linear_weight_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
-from training.device import cpu_has_native_bf16, select_device
+from training.device import DeviceError, native_bf16, select_device
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
@@ -94,7 +94,7 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
     """Decode tokens/s per weight format against the memory-bandwidth limit; last line int8_speedup_vs_float32."""
     bandwidth = memory_bandwidth(device)
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB)")
-    int8_activations = torch.bfloat16 if cpu_has_native_bf16() or device.type == "cuda" else torch.float32
+    int8_activations = torch.bfloat16 if native_bf16(device) else torch.float32
     int8_name = f"int8 ({str(int8_activations).removeprefix('torch.')} activations)"
     formats = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
                int8_name: (int8_activations, True)}  # fmt: skip
@@ -179,9 +179,8 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
     from data.loader import BatchLoader
     from training.checkpoint import load_model
 
-    native_bf16 = cpu_has_native_bf16() or device.type == "cuda"
     formats = [("float32", torch.float32, False)]
-    if native_bf16:
+    if native_bf16(device):
         formats += [("bfloat16", torch.bfloat16, False), ("int8, bfloat16 activations", torch.bfloat16, True)]
     else:
         formats += [("int8, float32 activations", torch.float32, True)]
@@ -224,7 +223,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     args = parser.parse_args()
-    device = select_device(args.device)
+    try:
+        device = select_device(args.device)
+    except DeviceError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.int8_eval:

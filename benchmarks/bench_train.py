@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 from architecture import REPO_ROOT, Gemma3Model, ModelConfig
-from training.device import autocast_dtype, cpu_bf16_flags, cpu_model, keep_freed_memory_for_reuse, select_device
+from training.device import (
+    DeviceError,
+    autocast_dtype,
+    cpu_bf16_flags,
+    cpu_model,
+    fused_adamw_available,
+    keep_freed_memory_for_reuse,
+    select_device,
+)
 from training.metrics import flops_per_token, peak_flops
 
 
@@ -55,7 +63,7 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
             model.activation_checkpointing = True
         else:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_available(device.type))
     step_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
     generator = torch.Generator().manual_seed(0)
@@ -150,7 +158,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    try:
+        device = select_device(args.device)
+    except DeviceError as e:
+        parser.error(str(e))
     if device.type == "cpu":
         keep_freed_memory_for_reuse()  # as the trainer does on the CPU, for both implementations
     default = "model_config.json" if device.type == "cuda" else "demo_model.json"

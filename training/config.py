@@ -19,6 +19,8 @@ from typing import Any
 from architecture.attention import BACKENDS
 from architecture.config import INTERNAL_FIELDS, REPO_ROOT, CheckedConfig, ConfigError, load_dataclass, read_json
 
+from .device import is_device_name
+
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
 
@@ -83,7 +85,7 @@ class TrainingConfig(CheckedConfig):
             self._fail(f"'betas' must be two numbers in [0, 1), got {self.betas}")
         if self.dtype not in ("float32", "bfloat16"):
             self._fail(f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+        if not is_device_name(self.device):
             self._fail(f"'device' is '{self.device}'; use auto, cuda, cuda:N, mps or cpu")
         if self.attention_backend not in BACKENDS:
             self._fail(f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}")

@@ -24,13 +24,18 @@ class DeviceError(ValueError):
     """The requested device does not exist here; the message says what does."""
 
 
+def is_device_name(name: str) -> bool:
+    """Whether `name` is one of the device names this project takes: auto, cuda, cuda:N, mps, cpu."""
+    return name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def select_device(name: str) -> torch.device:
     """`auto` (CUDA, then MPS, then the CPU), `cuda`, `cuda:N`, `mps` or `cpu`, checked to exist here."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if not (name in ("cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())):
+    if not is_device_name(name):
         raise DeviceError(f"device '{name}' is not one of auto, cuda, cuda:N, mps, cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"device '{name}': CUDA is not available on this machine")
@@ -41,29 +46,36 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def cpuinfo_value(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys` (Linux; None elsewhere or if absent)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return set()
+        return None
     for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(keys):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 "flags", Arm "Features"; empty where unknown)."""
+    return set((cpuinfo_value("flags", "Features") or "").split())
 
 
 def cpu_has_native_bf16() -> bool:
     return bool(NATIVE_BF16_FLAGS & cpu_flags())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device or the CPU computes bf16 natively (MPS is probed separately, by `mps_supports`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
 def cpu_bf16_flags() -> str:
@@ -75,13 +87,11 @@ def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | 
     """(the autocast dtype, or None for float32; a note when bf16 was asked for and float32 runs instead)."""
     if requested != "bfloat16":
         return None, None
+    if device.type in ("cuda", "cpu") and native_bf16(device):
+        return torch.bfloat16, None
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, None
         return None, "note: this GPU has no bf16; training in float32"
     if device.type == "cpu":
-        if cpu_has_native_bf16():
-            return torch.bfloat16, None
         return None, "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32"
     if mps_supports("autocast_bf16"):
         return torch.bfloat16, None

@@ -66,15 +66,8 @@ from .run_dir import RunDirLock, claim
 from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
 
-EVAL_SEED = 1_000_003
-RESUME_KEYS = (
-    "training_config",
-    "iter_num",
-    "best_val_loss",
-    "optimizer",
-    "loader",
-    "rng",
-)  # evaluation reads the same batches every time, whatever the training seed
+EVAL_SEED = 1_000_003  # evaluation reads the same batches every time, whatever the training seed
+RESUME_KEYS = ("training_config", "iter_num", "best_val_loss", "optimizer", "loader", "rng")  # a training state
 
 
 class TrainingError(RuntimeError):
@@ -405,8 +398,8 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
         if config.model_config != origin:
             raise ConfigError(f"{where} is a model of {origin}, this run names model_config {config.model_config}; "
                               f"resume with --model_config={origin}")  # fmt: skip
-        now = ModelConfig.from_json(REPO_ROOT / origin).to_dict()
-        changed = [f"{k} {model.config.to_dict()[k]} -> {v}" for k, v in now.items() if model.config.to_dict()[k] != v]
+        now, saved = ModelConfig.from_json(REPO_ROOT / origin).to_dict(), model.config.to_dict()
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if saved[k] != v]
         if changed:
             raise ConfigError(f"{origin} changed since {where} was written ({', '.join(changed)}); restore it, or "
                               "start a new run with another out_dir")  # fmt: skip
@@ -424,8 +417,9 @@ def make_best_consistent(run: Run) -> None:
     if run.best_iter is None or (best.is_file() and read_iter_num(best) == run.best_iter):
         return
     if run.best_iter == run.iter_num:
-        shutil.copyfile(run.out_dir / "latest.pt", best.with_name(f"best.pt.{os.getpid()}.tmp"))
-        os.replace(best.with_name(f"best.pt.{os.getpid()}.tmp"), best)
+        tmp = best.with_name(f"best.pt.{os.getpid()}.tmp")
+        shutil.copyfile(run.out_dir / "latest.pt", tmp)
+        os.replace(tmp, best)
         tqdm.write(f"note: {best} was stale or missing; restored from latest.pt (iteration {run.iter_num})")
     else:
         tqdm.write(f"note: {best} (iteration {run.best_iter}) is missing or stale; the next evaluation that improves "
