@@ -13,6 +13,7 @@ from architecture.config import INTERNAL_FIELDS
 from data import DataError
 from training.checkpoint import CheckpointError, first_line
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
+from training.distributed import DistributedError
 from training.run_dir import RunDirError
 from training.trainer import TrainingError, train
 
@@ -32,7 +33,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     try:
         train(load_training_config(args.config, overrides))
-    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError, RunDirError) as e:
+    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError, RunDirError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C

@@ -35,6 +35,7 @@ import torch
 from architecture import REPO_ROOT, Gemma3Model, ModelConfig
 from training.device import (
     DeviceError,
+    allow_tf32,
     autocast_dtype,
     cpu_bf16_flags,
     cpu_model,
@@ -170,7 +171,7 @@ def main() -> None:
     native_bf16 = autocast_dtype(device, "bfloat16")[0] is not None
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"] + ["bfloat16"] * native_bf16)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        allow_tf32(device)
         name = torch.cuda.get_device_name(device)
         peaks = {dtype: peak_flops(device) for dtype in dtypes}
     else:

@@ -11,7 +11,14 @@ from test_training import losses, run_config, run_train, train_process, wait_for
 from architecture import attention
 from training import device as device_module
 from training.checkpoint import load_checkpoint
-from training.device import DeviceError, autocast_dtype, cpu_has_native_bf16, fused_adamw_available, select_device
+from training.device import (
+    DeviceError,
+    allow_tf32,
+    autocast_dtype,
+    cpu_has_native_bf16,
+    fused_adamw_available,
+    select_device,
+)
 
 
 @pytest.fixture
@@ -57,6 +64,42 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
         if not native:
             assert "no native bf16" in note
     assert autocast_dtype(torch.device("cpu"), "float32") == (None, None)
+
+
+@pytest.mark.parametrize(
+    "capability, native",
+    [
+        ((6, 0), False),
+        ((7, 0), False),
+        ((7, 5), False),
+        ((8, 0), True),
+        ((8, 9), True),
+        ((9, 0), True),
+        ((10, 0), True),
+    ],
+    ids=["P100", "V100", "T4", "A100", "4090", "H100", "B200"],
+)
+def test_cuda_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, native):
+    """A V100 or T4 emulates bf16 (torch.cuda.is_bf16_supported() says True by default): float32 runs there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    dtype, note = autocast_dtype(torch.device("cuda"), "bfloat16")
+    assert (dtype is torch.bfloat16) is native
+    if native:
+        assert note is None
+    else:
+        assert note == (f"note: this GPU (compute capability {capability[0]}.{capability[1]}) has no native bf16 "
+                        "(8.0 or newer: Ampere and later); training in float32")  # fmt: skip
+    assert autocast_dtype(torch.device("cuda"), "float32") == (None, None)
+
+
+def test_tf32_only_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    allow_tf32(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    allow_tf32(torch.device("cuda", 1))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
 def test_mps_guards_fall_back_when_the_probe_fails(monkeypatch):

@@ -58,7 +58,9 @@ def run_dir(tmp_path_factory):
 
 
 def run_main(capsys, *argv):
-    sample.main([*argv])
+    """sample.py's main on the CPU (these tests mean the CPU's paths; `--device auto` would take a GPU where there
+    is one), unless `argv` names a device."""
+    sample.main(["--device", "cpu", *argv])
     return capsys.readouterr()
 
 
@@ -73,7 +75,7 @@ def expect_error(capsys, match: str, *argv):
 
 def test_cli_streams_greedy_text_and_reports_speed(run_dir):
     command = [sys.executable, "sample.py", "--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens",
-               "12", "--temperature", "0", "--num-samples", "2", "--dtype", "float32"]  # fmt: skip
+               "12", "--temperature", "0", "--num-samples", "2", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     state = torch.load(run_dir / "best.pt", weights_only=True)

@@ -217,18 +217,21 @@ def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     assert losses(tmp_path / "run") == losses(straight_run[0])  # bit-identical, iteration by iteration
 
 
-def test_two_process_ddp_matches_one_process(straight_run, tmp_path):
-    """2 micro-batches per process per update: the first under no_sync, the second all-reduced."""
+@pytest.mark.parametrize("compile, port, tolerance", [(False, 29731, 1e-5), (True, 29732, 1e-4)],
+                         ids=["eager", "compiled"])  # fmt: skip
+def test_two_process_ddp_matches_one_process(straight_run, tmp_path, compile, port, tolerance):
+    """2 micro-batches per process per update: the first under no_sync, the second all-reduced. Compiled, DDP is
+    inside torch.compile (dynamo cuts the graph at DDP's gradient buckets)."""
     config = run_config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-               "train.py", "--config", str(config)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "train.py", "--config", str(config), f"--compile={str(compile).lower()}"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     single, ddp = losses(straight_run[0]), losses(tmp_path / "run")
     assert single.keys() == ddp.keys()
-    for iteration in single:  # same data and update; only the order of float additions differs
-        assert ddp[iteration] == pytest.approx(single[iteration], rel=1e-5), iteration
+    for iteration in single:  # same data and update; the order of float additions differs (and inductor fuses)
+        assert ddp[iteration] == pytest.approx(single[iteration], rel=tolerance), iteration
 
 
 def test_compiled_run_matches_eager(straight_run, tmp_path):

@@ -2,9 +2,11 @@
 
 Design choices:
 - One place decides, for training, sample.py and the benchmarks, so they agree.
-- bf16 autocast (float32 master weights) runs on CUDA GPUs that support bf16 and on CPUs with native bf16
-  instructions (AVX512-BF16 or AMX on x86, BF16 on Arm), read from the CPU's flags rather than guessed from its
-  name; elsewhere bf16 would be emulated and slower than float32, so float32 runs, with a one-line note saying why.
+- bf16 autocast (float32 master weights) runs on CUDA GPUs with native bf16 (compute capability 8.0 or newer:
+  Ampere, Ada, Hopper, Blackwell) and on CPUs with native bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on
+  Arm), read from the CPU's flags rather than guessed from its name; elsewhere bf16 would be emulated and slower
+  than float32, so float32 runs, with a one-line note saying why. `torch.cuda.is_bf16_supported()` is not the
+  test: by default it counts emulation, so a T4 or V100 would train in emulated bf16, on SDPA's math kernel.
 - MPS has known gaps that change between torch releases (bf16 autocast, SDPA's `enable_gqa`, fused AdamW). Each
   is probed once with a tiny operation on the device, and a missing one falls back (float32, repeated K/V, the
   unfused optimizer) instead of failing mid-run. No Apple hardware was available to test these paths.
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, Arm BF16
+NATIVE_BF16_CUDA_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute bf16
 
 
 class DeviceError(ValueError):
@@ -69,7 +72,7 @@ def cpu_has_native_bf16() -> bool:
 def native_bf16(device: torch.device) -> bool:
     """Whether a CUDA device or the CPU computes bf16 natively (MPS is probed separately, by `mps_supports`)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CUDA_CAPABILITY
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
@@ -90,7 +93,9 @@ def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | 
     if device.type in ("cuda", "cpu") and native_bf16(device):
         return torch.bfloat16, None
     if device.type == "cuda":
-        return None, "note: this GPU has no bf16; training in float32"
+        major, minor = torch.cuda.get_device_capability(device)
+        return None, (f"note: this GPU (compute capability {major}.{minor}) has no native bf16 (8.0 or newer: "
+                      "Ampere and later); training in float32")  # fmt: skip
     if device.type == "cpu":
         return None, "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32"
     if mps_supports("autocast_bf16"):
@@ -134,6 +139,15 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
     return bool(libc.mallopt(m_mmap_threshold, 2**28)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and convolutions run on TF32 tensor cores (float32 range, 10-bit mantissa
+    products, float32 sums), as nanoGPT does: the float32 work of a bf16 autocast step, and all of a float32 one,
+    several times faster. Elsewhere nothing changes (the CPU's float32 matmuls stay exact)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def fused_adamw_available(device_type: str) -> bool:

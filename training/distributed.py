@@ -1,11 +1,14 @@
 """Multi-process set-up for `torchrun`: one process per GPU (nccl) or per CPU worker (gloo).
 
 Only what the loop needs: who am I (rank, world size, local rank), is this the master (logs, evaluates, writes
-checkpoints), and a clean shutdown. Without torchrun's environment it is a single process of rank 0.
+checkpoints), which device is mine, one-time work done by one process per node while the others wait, and a clean
+shutdown. Without torchrun's environment it is a single process of rank 0.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,10 @@ class Distributed:
         return self.rank == 0
 
 
+class DistributedError(RuntimeError):
+    """A rank waited too long for another; the message says what to do."""
+
+
 def setup_distributed(device_type: str) -> Distributed:
     """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, if any."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -40,3 +47,38 @@ def setup_distributed(device_type: str) -> Distributed:
 def teardown_distributed(info: Distributed) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, world: Distributed) -> torch.device:
+    """This process's device: under DDP on CUDA, the GPU of its local rank; otherwise `device` as it is."""
+    if world.enabled and device.type == "cuda":
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+# How long the other ranks wait for a node's one-time work (a first TinyStories download and tokenization can take
+# longer than NCCL's 10-minute default, which would kill a first `torchrun` on a fresh machine).
+NODE_WORK_TIMEOUT = timedelta(hours=2)
+
+
+def once_per_node(world: Distributed, work: Callable[[], object], what: str, fix: str,
+                  timeout: timedelta = NODE_WORK_TIMEOUT) -> None:  # fmt: skip
+    """Run `work` on local rank 0 of each node (a node's disk may be its own; on a shared one, `work` must be safe
+    to run concurrently) while every other rank waits at a barrier of a gloo group with its own `timeout`, so the
+    training collectives keep their short default. `what` and `fix` complete the timeout's message: "rank 1 waited
+    7200 s for local rank 0 to {what}; {fix}"."""
+    group = dist.new_group(backend="gloo", timeout=timeout) if world.enabled else None
+    if world.local_rank == 0:
+        work()
+    if group is None:
+        return
+    try:
+        dist.barrier(group=group)
+    except RuntimeError as e:  # gloo's timeout (DistBackendError is a RuntimeError)
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise DistributedError(
+            f"rank {world.rank} waited {timeout.total_seconds():.0f} s for local rank 0 to {what}; {fix}"
+        ) from None
+    finally:
+        dist.destroy_process_group(group)

@@ -16,14 +16,29 @@ Design choices:
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A6000": 155e12, "L40S": 362e12, "4090": 165e12}
+# Peak dense bf16 tensor-core FLOP/s by GPU (vendor datasheets, without sparsity), matched on the words of the
+# name CUDA reports, most specific first: an H100 PCIe ("NVIDIA H100 PCIe") and NVL are not the SXM part ("NVIDIA
+# H100 80GB HBM3"), and "GH200" is not "H200".
+PEAK_BF16_FLOPS = [
+    ({"h100", "pcie"}, 756e12),
+    ({"h100", "nvl"}, 835e12),
+    ({"h100"}, 989e12),  # SXM
+    ({"h200", "nvl"}, 835e12),
+    ({"h200"}, 989e12),  # SXM
+    ({"gh200"}, 989e12),
+    ({"b200"}, 2250e12),
+    ({"a100"}, 312e12),  # SXM and PCIe alike
+    ({"a6000"}, 155e12),
+    ({"l40s"}, 362e12),
+    ({"4090"}, 165e12),
+]
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
@@ -43,8 +58,13 @@ def peak_flops(device: torch.device) -> float | None:
     """Peak bf16 FLOP/s of the CUDA device, or None where unknown (MFU is then not reported)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_by_name(name: str) -> float | None:
+    """The first `PEAK_BF16_FLOPS` entry whose words are all words of `name` (split at spaces and hyphens)."""
+    words = set(re.split(r"[\s-]+", name.lower()))
+    return next((peak for required, peak in PEAK_BF16_FLOPS if required <= words), None)
 
 
 def cut_torn_line(path: Path) -> bool:

@@ -59,8 +59,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .device import DeviceError, autocast_dtype, keep_freed_memory_for_reuse, select_device
-from .distributed import Distributed, setup_distributed, teardown_distributed
+from .device import DeviceError, allow_tf32, autocast_dtype, keep_freed_memory_for_reuse, select_device
+from .distributed import Distributed, once_per_node, rank_device, setup_distributed, teardown_distributed
 from .optimizer import configure_optimizer
 from .run_dir import RunDirLock, claim
 from .run_logger import NullLogger, make_logger
@@ -243,8 +243,7 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
 
 def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) -> Run:
     """The model, its tokenizer and data, the optimizer and the precision; restored from latest.pt on resume."""
-    if world.enabled and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
+    device = rank_device(device, world)
     if config.gradient_accumulation_steps % world.world_size:
         raise ConfigError(
             f"{config.source}: 'gradient_accumulation_steps' ({config.gradient_accumulation_steps}) must be "
@@ -259,11 +258,9 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
             f"{config.source}: 'block_size' ({config.block_size}) exceeds the model's "
             f"context_length ({model.config.context_length})"
         )
-    # The dataset is prepared by rank 0 alone, while the others wait at the barrier.
-    if world.is_master:
-        ensure_prepared(config.dataset, tokenizer or gpt2())
-    if world.enabled:
-        dist.barrier()
+    once_per_node(world, lambda: ensure_prepared(config.dataset, tokenizer or gpt2()),
+                  what=f"prepare dataset {config.dataset}",
+                  fix=f"prepare it before torchrun: python data/prepare.py {config.dataset}")  # fmt: skip
     # A model trained from scratch speaks its dataset's tokenizer; any other must be the dataset's (the loader checks).
     if tokenizer is None:
         tokenizer = dataset_tokenizer(DATA_ROOT / config.dataset)
@@ -282,9 +279,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     model.attention_backend = config.attention_backend
     dtype, precision_note = autocast_dtype(device, config.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
 
     origin = checkpoint.get("model_origin", "") if checkpoint else config.init_from
     origin = config.model_config if origin == "scratch" else origin
@@ -297,11 +292,21 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
         run.lock = claim(run.out_dir, resume=checkpoint is not None, overwrite=config.overwrite)
         if checkpoint is not None:
             make_best_consistent(run)
-    run.eval_model = run.step_model = torch.compile(model) if config.compile else model
-    if world.enabled:
-        device_ids = [world.local_rank] if device.type == "cuda" else None
-        run.step_model = DistributedDataParallel(run.eval_model, device_ids=device_ids)
+    run.step_model, run.eval_model = training_models(model, config.compile, world, device)
     return run
+
+
+def training_models(model: Gemma3Model, compile: bool, world: Distributed,
+                    device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
+    """(what trains, what evaluates): compiled if asked; what trains is DDP-wrapped under torchrun, what evaluates
+    never is (rank 0 evaluates alone). DDP goes inside torch.compile, not around it: dynamo then cuts the graph at
+    DDP's gradient buckets, so each bucket's all-reduce starts while the backward of earlier layers goes on. A
+    compiled module inside DDP has one backward whose gradients all arrive at its end, too late to overlap."""
+    eval_model = torch.compile(model) if compile else model
+    if not world.enabled:
+        return eval_model, eval_model
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(ddp) if compile else ddp), eval_model
 
 
 def set_learning_rate(run: Run) -> float:
