@@ -19,8 +19,11 @@ Design choices:
   30xx/40xx/50xx, A6000, L4, L40) cannot compile its backward kernels at the Gemma 3 head_dim of 256
   (pytorch/pytorch#133254, #198224). The CPU tests check the blocked path against SDPA under the dense
   T x T mask and against transformers.
-- Multi-query / grouped-query heads go to both kernels with `enable_gqa=True`, so K/V are never repeated (except
-  on MPS with a torch whose SDPA lacks enable_gqa there: probed once, then K/V are repeated per head).
+- Multi-query / grouped-query heads go to FlexAttention, and to SDPA wherever one of its fused kernels takes them,
+  with `enable_gqa=True`, so K/V are not repeated per head. On CUDA only SDPA's flash kernel takes grouped K/V
+  (torch <= 2.13; the memory-efficient kernel, which serves masks, float32 and GPUs before Ampere, does not), and
+  elsewhere SDPA would fall back to its math kernel, which materialises every score: there K/V are repeated per
+  query head, as on MPS with a torch whose SDPA lacks enable_gqa (probed once).
 """
 
 import functools
@@ -123,11 +126,25 @@ def mps_sdpa_has_gqa() -> bool:
         return False
 
 
-def kv_heads_for_sdpa(q, k, v, device_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(k, v, enable_gqa) for SDPA: K/V shared across query heads, or repeated per head on MPS releases whose SDPA
-    lacks enable_gqa. `device_type` defaults to q's."""
+def sdpa_takes_grouped_kv(q: torch.Tensor, masked: bool, device_type: str) -> bool:
+    """Whether SDPA runs grouped K/V (`enable_gqa`) in a fused kernel for queries `q`, with or without a mask: on
+    CUDA, flash's conditions (no mask, half or bf16 as autocast will cast, compute capability 8.0 or newer)."""
+    if device_type == "mps":
+        return mps_sdpa_has_gqa()
+    if device_type != "cuda":
+        return True  # the CPU's flash kernel takes grouped K/V, masked or not
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    gpu = torch.cuda.get_device_properties(q.device)
+    return not masked and dtype in (torch.float16, torch.bfloat16) and (gpu.major, gpu.minor) >= (8, 0)
+
+
+def kv_heads_for_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool = False, device_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k, v, enable_gqa) for an SDPA call: K/V shared across query heads where a fused kernel takes that, else
+    repeated per query head. `device_type` defaults to q's."""
     gqa = q.size(1) != k.size(1)
-    if gqa and (device_type or q.device.type) == "mps" and not mps_sdpa_has_gqa():
+    if gqa and not sdpa_takes_grouped_kv(q, masked, device_type or q.device.type):
         repeat = q.size(1) // k.size(1)
         return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), False
     return k, v, gqa
@@ -140,14 +157,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale:
         # attention, 312 ms with float32, 2-core AVX512-BF16 EPYC), and attention is a small share of the FLOPs.
         with torch.autocast("cpu", enabled=False):
             return attend(q.float(), k.float(), v.float(), mask, scale)
-    k, v, gqa = kv_heads_for_sdpa(q, k, v)
     if isinstance(mask, BlockMask):
         device_type = q.device.type
         if torch.is_autocast_enabled(device_type):  # SDPA is cast by autocast; flex_attention is not
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         flex = _compiled_flex_attention if q.is_cuda else flex_attention
-        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    k, v, gqa = kv_heads_for_sdpa(q, k, v, masked=mask is not None)
     if isinstance(mask, WindowBlocks):
         return window_blocks_attention(q, k, v, mask, scale, gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -144,7 +144,9 @@ class KVCache:
         if not self.sliding[layer]:
             k_cache[:, :, self.start : self.end] = k
             v_cache[:, :, self.start : self.end] = v
-            keys, values, gqa = kv_heads_for_sdpa(q, k_cache[:, :, : self.end], v_cache[:, :, : self.end])
+            keys, values, gqa = kv_heads_for_sdpa(
+                q, k_cache[:, :, : self.end], v_cache[:, :, : self.end], masked=self.full_mask is not None
+            )
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=self.full_mask, is_causal=self.first_chunk, scale=scale, enable_gqa=gqa
             )
@@ -155,7 +157,7 @@ class KVCache:
         v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
         if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
             return attend(q, k, v, self.first_chunk_mask, scale)
-        keys, values, gqa = kv_heads_for_sdpa(q, keys, values)
+        keys, values, gqa = kv_heads_for_sdpa(q, keys, values, masked=True)
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa
         )  # fmt: skip

@@ -2,6 +2,7 @@
 hardware here), and training under CPU bf16 autocast (exact resume, compiled against eager)."""
 
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,8 +112,33 @@ def test_mps_guards_fall_back_when_the_probe_fails(monkeypatch):
     assert fused_adamw_available("cpu") and fused_adamw_available("cuda")
 
 
+@pytest.mark.parametrize(
+    "masked, dtype, autocast, capability, shared",
+    [
+        (False, torch.bfloat16, False, (9, 0), True),  # bf16 weights, causal: flash takes grouped K/V
+        (False, torch.float32, True, (8, 0), True),  # float32 tensors under bf16 autocast: flash, as autocast casts
+        (True, torch.bfloat16, True, (9, 0), False),  # the blocked sliding path's mask: memory-efficient kernel
+        (False, torch.float32, False, (9, 0), False),  # float32 training: no flash
+        (False, torch.float16, False, (7, 0), False),  # a V100: no flash
+    ],
+    ids=["bf16-causal", "autocast-causal", "masked", "float32", "pre-ampere"],
+)
+def test_cuda_repeats_kv_heads_where_only_the_math_kernel_would_take_them(
+    monkeypatch, masked, dtype, autocast, capability, shared
+):
+    """No GPU here: the device's facts are faked, and the rule is what is tested (tests/test_cuda.py runs SDPA with
+    its math kernel disabled on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        major=capability[0], minor=capability[1]))  # fmt: skip
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: autocast and device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    q, k, v = torch.zeros(1, 4, 3, 8, dtype=dtype), *torch.zeros(2, 1, 1, 3, 8, dtype=dtype)
+    k2, v2, gqa = attention.kv_heads_for_sdpa(q, k, v, masked=masked, device_type="cuda")
+    assert gqa is shared and (k2.size(1), v2.size(1)) == ((1, 1) if shared else (4, 4))
+
+
 def test_repeated_kv_heads_give_the_same_attention(monkeypatch):
-    """The MPS fallback (K/V repeated per query head, no enable_gqa) computes what enable_gqa computes."""
+    """The fallback (K/V repeated per query head, no enable_gqa) computes what enable_gqa computes."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 9, 8, generator=generator), *torch.randn(2, 2, 1, 9, 8, generator=generator)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
