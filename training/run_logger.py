@@ -10,12 +10,14 @@ Design choices:
 - An iteration's time is measured from the end of the previous one, or from the end of the evaluation and
   checkpointing before it, so neither counts in tokens/s. The first iteration of a compiled run includes
   compilation; its time is logged as such.
+- On CUDA each logged iteration also reports the peak memory the process's tensors have held (`peak_memory_gib`).
 - The summary at the end says where the run got (best val loss and where, the checkpoints on disk, time) and the
   commands to run next.
 """
 
 import time
 
+import torch
 from tqdm import tqdm
 
 from architecture import ModelConfig
@@ -109,13 +111,17 @@ class RunLogger(NullLogger):
         if run.iter_num % self.config.log_interval and not first:
             return
         row = {"loss": loss, "lr": lr, "tokens_per_sec": self.config.tokens_per_iter / dt, "ms_per_iter": dt * 1e3}
+        extra = ""
         if self.peak:
             row["mfu"] = self.flops_per_iter / dt / self.peak
+            extra += f", MFU {row['mfu']:.1%}"
+        if run.device.type == "cuda":  # the most this process's tensors have held, since the start
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            extra += f", {row['peak_memory_gib']:.1f} GiB peak"
         self.metrics.log("train", run.iter_num, **row)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        mfu = f", MFU {row['mfu']:.1%}" if self.peak else ""
         self.write(f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
-                   f"{row['ms_per_iter']:.0f} ms{mfu}")  # fmt: skip
+                   f"{row['ms_per_iter']:.0f} ms{extra}")  # fmt: skip
 
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None:
         self.metrics.log("eval", run.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
