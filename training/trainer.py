@@ -23,8 +23,10 @@ Design choices:
 - The next micro-batch is fetched before the current backward: its host work (memmap reads, pinned copy) runs
   while the device works through the queued forward. It never reaches past the iteration, so the loader state
   a checkpoint saves is the iteration boundary's and resume stays exact.
-- `compile` compiles the model once; `activation_checkpointing` recomputes each block in the backward, trading
-  about a third more compute for memory.
+- `compile` compiles the model once (under DDP, the DDP-wrapped model: see `training_models`);
+  `activation_checkpointing` recomputes each block in the backward, trading about a third more compute for memory.
+- Under torchrun, local rank 0 of each node prepares the dataset while the other ranks wait on a barrier with a
+  timeout of its own (`distributed.once_per_node`).
 """
 
 import contextlib
