@@ -90,10 +90,10 @@ def test_flex_attention_at_head_dim_256_matches_dense_float32_past_the_window(dt
         assert relative_error(got, want) <= tolerance, name
 
 
-@pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
 def test_compiled_training_step_with_fullgraph_matches_eager(backend):
     """`--compile=true` past the window: one graph (fullgraph=True raises at any break, the choice of kernels by
-    the GPU's capability included), the same loss and gradients."""
+    the GPU's capability included), the same loss and gradients. "auto" is FlexAttention on data-center GPUs."""
     model = gemma_model()
     model.attention_backend = backend
     parameters = list(model.parameters())
