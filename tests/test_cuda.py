@@ -198,12 +198,9 @@ def test_loader_copies_batches_from_pinned_memory_without_blocking(tmp_path):
     dataset = make_dataset(tmp_path / "ds")
     on_cpu = BatchLoader(dataset, "train", 8, 128, seed=5)
     on_gpu = BatchLoader(dataset, "train", 8, 128, device="cuda", seed=5)
-    busy = torch.randn(4096, 4096, device=CUDA)
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            for _ in range(10):  # tens of milliseconds of queued work: a blocking copy would wait for it
-                busy = busy @ busy / 64
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of queued GPU work: a blocking copy would wait for it
             x, y = on_gpu.next_batch()
             assert not torch.cuda.current_stream().query()  # the batch is on its way; the GPU is still busy
         torch.cuda.synchronize()
@@ -213,8 +210,10 @@ def test_loader_copies_batches_from_pinned_memory_without_blocking(tmp_path):
     assert x.is_cuda and torch.equal(x.cpu(), expected[0]) and torch.equal(y.cpu(), expected[1])
 
 
-def test_training_run_on_cuda_logs_mfu_and_peak_memory(tmp_path):
+def test_training_run_on_cuda_logs_mfu_and_peak_memory(tmp_path, monkeypatch):
     """The trainer on a GPU, in bf16 (the loop, the loader's copies, the logger's CUDA figures)."""
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # the trainer turns TF32 on; the tests after
+        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)  # this one get the setting back
     config = load_training_config(run_config(tmp_path, device="cuda", dtype="bfloat16", max_iters=4, eval_interval=4))
     losses = train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
