@@ -78,3 +78,29 @@ def test_architecture_report():
     result = subprocess.run([sys.executable, "-m", "architecture"], capture_output=True, text=True, check=True)
     assert "164,654,976" in result.stdout
     assert "18,432 bytes per token" in result.stdout  # 18 layers x K and V x 1 head x 256 dims x 2 bytes
+
+
+SEED_USAGE_EXAMPLE = """
+from architecture import Gemma3Model, model_config
+import torch
+
+# Initialize model
+model = Gemma3Model(model_config)
+
+# Forward pass
+input_ids = torch.randint(0, 50257, (2, 128))  # batch_size=2, seq_len=128
+logits, loss = model(input_ids, targets=None)
+
+# Generation
+prompt = torch.randint(0, 50257, (1, 10))  # Single prompt
+generated = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=40)
+"""  # the seed document's usage example, character for character
+
+
+def test_the_seed_usage_example_runs_verbatim():
+    namespace = {}
+    exec(SEED_USAGE_EXAMPLE, namespace)
+    model, logits, loss, generated = (namespace[k] for k in ("model", "logits", "loss", "generated"))
+    assert sum(p.numel() for p in model.parameters()) == 164_654_976  # the model of config/model_config.json
+    assert logits.shape == (2, 128, 50257) and loss is None
+    assert generated.shape == (1, 60) and torch.equal(generated[:, :10], namespace["prompt"])
