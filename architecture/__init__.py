@@ -7,11 +7,12 @@ and validated once, at its first use (the seed documents' API); `ModelConfig.fro
 import functools
 
 from .config import DEFAULT_MODEL_CONFIG, REPO_ROOT, ConfigError, ModelConfig
-from .gemma3 import IGNORE_INDEX, Gemma3Model, sample_next_token
+from .gemma3 import Gemma3Model, sample_next_token
 from .hf_export import export_hf
 from .hf_weights import WeightsError, load_weights_into
 from .int8 import quantize_int8
 from .kv_cache import KVCache
+from .loss import IGNORE_INDEX
 
 
 @functools.cache

@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from architecture import IGNORE_INDEX, Gemma3Model
 from architecture.attention import attend, sliding_mask, sliding_window_mask
-from architecture.gemma3 import CE_CHUNK_ROWS, linear_cross_entropy
 from architecture.int8 import Int8Linear, quantize_int8
+from architecture.loss import CE_CHUNK_ROWS, linear_cross_entropy
 from data.loader import BatchLoader
 from training.config import load_training_config
 from training.metrics import peak_flops

@@ -21,7 +21,7 @@ from architecture.attention import (
     sliding_window_mask,
     sliding_window_mask_mod,
 )
-from architecture.gemma3 import linear_cross_entropy
+from architecture.loss import linear_cross_entropy
 
 
 def batch(config, seq_len: int, batch_size: int = 2, seed: int = 1) -> torch.Tensor:

@@ -19,7 +19,7 @@ Design choices:
 - A non-finite loss stops the run before the optimizer step; the checkpoints on disk are left untouched.
 - Rank 0 alone evaluates (on the unwrapped model, so no collective runs), logs and writes checkpoints; the other
   ranks get a logger that does nothing (`run_logger.py`).
-- The loss is computed without materialising the logits (`return_logits=False`, see architecture/gemma3.py).
+- The loss is computed without materialising the logits (`return_logits=False`, see architecture/loss.py).
 - The next micro-batch is fetched before the current backward: its host work (memmap reads, pinned copy) runs
   while the device works through the queued forward. It never reaches past the iteration, so the loader state
   a checkpoint saves is the iteration boundary's and resume stays exact.
