@@ -16,7 +16,7 @@ Design choices:
 - Samples run one after another (each streamed); `Gemma3Model.generate` batches them for library use.
 - Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py); bfloat16 on CUDA and on CPUs with
   native bf16 (a decode step reads every weight once, so half the bytes is about twice the speed), float32 elsewhere.
-- `--compile` compiles the decode step (`Gemma3Model.compile_decode`) and warms it up on the prompt before the
+- `--compile` compiles the decode step (`architecture.generate.compile_decode`) and warms it up on the prompt before the
   first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own. A failed
   compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
 """
@@ -31,6 +31,7 @@ import torch
 
 from architecture import ConfigError, Gemma3Model, WeightsError
 from architecture.config import DTYPES
+from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
 from architecture.int8 import quantize_int8
 from data.errors import DataError
 from data.tokenizer import Tokenizer
@@ -99,7 +100,12 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def stream_sample(
-    model: Gemma3Model, tokenizer: Tokenizer, prompt_ids: list[int], args, generator: torch.Generator
+    model: Gemma3Model,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    args,
+    generator: torch.Generator,
+    decode: DecodeStep,
 ) -> tuple[int, float]:
     """Generate and print one sample; return (new tokens, seconds)."""
     device = model.tok_emb.weight.device
@@ -107,7 +113,9 @@ def stream_sample(
     context = prompt_ids[-STREAM_CONTEXT:]
     printed, new_ids = len(tokenizer.decode(context)), []
     start = time.perf_counter()
-    stream = model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+    stream = generate_stream(
+        model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator, decode=decode
+    )
     for token in stream:
         token_id = token.item()
         if token_id in tokenizer.stop_ids:
@@ -121,21 +129,20 @@ def stream_sample(
     return len(new_ids), time.perf_counter() - start
 
 
-def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_tokens: int) -> bool:
-    """Compile the decode step for this generation's cache size (prompt + new tokens) by decoding two tokens;
-    whether it compiled (else the step stays uncompiled, with a note)."""
-    model.compile_decode()
+def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_tokens: int) -> DecodeStep | None:
+    """The decode step compiled for this generation's cache size (prompt + new tokens), warmed up by decoding two
+    tokens; None if it failed to compile (with a note: the step stays uncompiled)."""
+    decode = compile_decode(model)
     start = time.perf_counter()
     idx = torch.tensor([prompt_ids], device=model.tok_emb.weight.device)
     try:
-        for _ in itertools.islice(model.generate_stream(idx, max_new_tokens, temperature=0), 2):
+        for _ in itertools.islice(generate_stream(model, idx, max_new_tokens, temperature=0, decode=decode), 2):
             pass
     except Exception as e:  # torch.compile fails in many ways (no C++ compiler, a backend gap on this device)
-        del model.decode_step  # back to the uncompiled method
         print(f"note: --compile failed, decoding uncompiled: {first_line(e)}", file=sys.stderr)
-        return False
+        return None
     print(f"compiled the decode step in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return True
+    return decode
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -158,14 +165,15 @@ def run(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         prompt_ids = prompt_ids[-context:]
-    compiled = args.compile and compile_and_warm_up(model, prompt_ids, args.max_new_tokens)
+    compiled = compile_and_warm_up(model, prompt_ids, args.max_new_tokens) if args.compile else None
+    decode = compiled or decode_one_token
     generator = torch.Generator(device=device).manual_seed(args.seed)
     total_tokens = total_seconds = 0.0
     for i in range(args.num_samples):
         if i:
             print("---------------")
         print(tokenizer.decode(prompt_ids) if prompt else "", end="", flush=True)
-        tokens, seconds = stream_sample(model, tokenizer, prompt_ids, args, generator)
+        tokens, seconds = stream_sample(model, tokenizer, prompt_ids, args, generator, decode)
         total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
     rate = total_tokens / total_seconds if total_seconds else 0.0
     precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"

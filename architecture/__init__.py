@@ -7,7 +7,8 @@ and validated once, at its first use (the seed documents' API); `ModelConfig.fro
 import functools
 
 from .config import DEFAULT_MODEL_CONFIG, REPO_ROOT, ConfigError, ModelConfig
-from .gemma3 import Gemma3Model, sample_next_token
+from .gemma3 import Gemma3Model
+from .generate import compile_decode, generate, generate_stream, make_cache, sample_next_token
 from .hf_export import export_hf
 from .hf_weights import WeightsError, load_weights_into
 from .int8 import quantize_int8
@@ -35,8 +36,12 @@ __all__ = [
     "ModelConfig",
     "REPO_ROOT",
     "WeightsError",
+    "compile_decode",
     "export_hf",
+    "generate",
+    "generate_stream",
     "load_weights_into",
+    "make_cache",
     "model_config",
     "quantize_int8",
     "sample_next_token",

@@ -19,14 +19,11 @@ Design choices:
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
   stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
 - Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
-- Generation prefills the prompt in one forward and then decodes one token per forward against a `KVCache`
-  (see kv_cache.py). Without a cache the forward is the training forward. Past context_length the
-  cache cannot slide (RoPE positions are absolute), so each further step re-prefills the last context_length
-  tokens: the same tokens the uncached path would see.
+- Generation (generate.py) runs the blocks against a `KVCache` (kv_cache.py) through `last_logits`; without a
+  cache the forward is the training forward. `model.generate(...)` is generate.py's `generate`.
 """
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -35,10 +32,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Mask, attend, sliding_mask
 from .config import ModelConfig
+from .generate import generate
 from .kv_cache import KVCache
 from .loss import IGNORE_INDEX, linear_cross_entropy
 
-__all__ = ["Gemma3Model", "sample_next_token"]
+__all__ = ["Gemma3Model"]
 
 
 class RMSNorm(nn.Module):
@@ -212,105 +210,14 @@ class Gemma3Model(nn.Module):
                 x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
         return x
 
-    def decode_step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """float32 logits (B, vocab) after `token` (B, 1) at `positions` (from `cache.begin(1)`), cached.
+    def last_logits(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """float32 logits (B, vocab) of the last position of `idx` at `positions`: all that generation needs (a
+        cache's `begin` has prepared the step). See generate.py."""
+        return self.lm_head(self.final_norm(self._blocks(idx, positions, cache)[:, -1])).float()
 
-        Every shape is fixed and no Python number depends on the position, so `compile_decode` can compile it."""
-        return self._last_logits(self._blocks(token, positions, cache))
-
-    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the last position only: all that generation needs."""
-        return self.lm_head(self.final_norm(hidden[:, -1])).float()
-
-    def compile_decode(self) -> None:
-        """Compile `decode_step` for this model (inference only): one fused program per cache size instead of a
-        few hundred small kernels a token. With `freezing`, the weights are constants of the program, which lets
-        inductor pre-pack them once into the CPU matmul libraries' layouts (MKL's for float32, oneDNN's for bf16)."""
-        compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
-        # Read when a cache size is first compiled. concat_linear: q/k/v and gate/up become one matmul each.
-        options = {"freezing": True, "cpp.enable_concat_linear": True}
-
-        def frozen_decode_step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-            with torch._inductor.config.patch(options):
-                return compiled(token, positions, cache)
-
-        self.decode_step = frozen_decode_step
-
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and in its dtype (max_len defaults to context_length)."""
-        weight = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
-
-    @torch.no_grad()
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, (B, 1), `max_new_tokens` times, continuing the prompts `idx` (B, T).
-
-        All rows share the prompt length. `use_cache=False` recomputes the whole (cropped) sequence each step.
-        """
-        C = self.config.context_length
-        cache = self.make_cache(idx.size(0), min(C, idx.size(1) + max_new_tokens)) if use_cache else None
-        context = idx[:, -C:]  # what the next forward reads: the prompt, then each new token
-        for _ in range(max_new_tokens):
-            if cache is not None and context.size(1) == 1 and cache.pos < cache.max_len:
-                logits = self.decode_step(context, cache.begin(1), cache)
-            else:  # no cache; or the prompt; or past context_length, where the cache re-prefills the last C tokens
-                if cache is not None:
-                    cache.reset()
-                logits = self._last_logits(self._hidden(idx[:, -C:], cache))
-            context = sample_next_token(logits, temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, context), dim=1)
-            yield context
-
-    @torch.no_grad()
     def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **options
     ) -> torch.Tensor:
-        """`idx` (B, T) with `max_new_tokens` sampled tokens appended: one prefill, then cached decode steps."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
-        return torch.cat((idx, *new), dim=1)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token id per row of `logits` (B, vocab): greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+        """`idx` (B, T) with `max_new_tokens` sampled tokens appended: one prefill, then cached decode steps.
+        `options`: top_p, generator, use_cache, decode (generate.py's `generate_stream`)."""
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, **options)

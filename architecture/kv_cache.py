@@ -18,7 +18,7 @@ Design choices:
 - A single token (decode) has static shapes: `begin` turns its position into tensors (write slots, masks over
   the whole buffer), and every layer writes with `index_copy_` and attends over its whole buffer under its mask.
   No shape and no Python number inside the step depends on the position, so a compiled decode step
-  (`Gemma3Model.compile_decode`) is traced once per cache size and then replays at every position. The cost is
+  (`generate.compile_decode`) is traced once per cache size and then replays at every position. The cost is
   attending over unfilled slots of full layers, and the cache is sized to the generation, so that is small.
 """
 

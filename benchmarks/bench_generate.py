@@ -14,7 +14,7 @@ Design choices:
 - A cached decode step reads every weight once, so its limit is (memory bandwidth) / (weight bytes per token).
   The benchmark measures the read bandwidth itself (the best of 5 sums over a 1 GiB tensor, larger than any
   cache) and prints, per weight format, decode tokens/s eager and with the compiled decode step
-  (`Gemma3Model.compile_decode`), and the fraction of that limit reached; the last line is
+  (`architecture.generate.compile_decode`), and the fraction of that limit reached; the last line is
   `int8_speedup_vs_float32=R`, compiled against compiled (each format's fastest). INT8 runs with bfloat16
   activations where the CPU has native bf16 (the int8-weight kernel needs them), else float32.
 """
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
+from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
 from architecture.int8 import linear_weight_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
 from training.device import DeviceError, native_bf16, select_device
@@ -50,15 +51,17 @@ def time_prefill(model: Gemma3Model, prompt: torch.Tensor) -> float:
     for _ in range(3):
         sync(prompt.device)
         start = time.perf_counter()
-        next(model.generate_stream(prompt, 1, temperature=0))
+        next(generate_stream(model, prompt, 1, temperature=0))
         sync(prompt.device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def decode_rate(model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
+def decode_rate(
+    model: Gemma3Model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, decode: DecodeStep = decode_one_token
+) -> float:
     """Tokens per second after the first new token (so the prefill is not counted)."""
-    stream = model.generate_stream(prompt, new_tokens, temperature=0, use_cache=use_cache)
+    stream = generate_stream(model, prompt, new_tokens, temperature=0, use_cache=use_cache, decode=decode)
     next(stream)
     sync(prompt.device)
     start = time.perf_counter()
@@ -109,10 +112,9 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
         nbytes = weight_bytes_per_token(model)
         limit = bandwidth / nbytes
         for compiled in (False, True):
-            if compiled:
-                model.compile_decode()
-            decode_rate(model, prompt, new_tokens, use_cache=True)  # warm-up (and compilation) at this cache size
-            rates[name, compiled] = rate = decode_rate(model, prompt, new_tokens, use_cache=True)
+            decode = compile_decode(model) if compiled else decode_one_token
+            decode_rate(model, prompt, new_tokens, True, decode)  # warm-up (and compilation) at this cache size
+            rates[name, compiled] = rate = decode_rate(model, prompt, new_tokens, True, decode)
             print(f"  {name:<28} {'compiled' if compiled else 'eager':>8} {rate:8.1f} tok/s  {nbytes / 1e6:7.1f} "
                   f"MB of weights a token  limit {limit:8.1f} tok/s  reached {rate / limit:6.1%}")  # fmt: skip
     for compiled in (False, True):

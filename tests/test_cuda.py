@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from architecture import IGNORE_INDEX, Gemma3Model
 from architecture.attention import attend, sliding_mask, sliding_window_mask
+from architecture.generate import compile_decode, generate, make_cache
 from architecture.int8 import Int8Linear, quantize_int8
 from architecture.loss import CE_CHUNK_ROWS, linear_cross_entropy
 from data.loader import BatchLoader
@@ -159,7 +160,7 @@ def test_linear_cross_entropy_with_cuda_defaults_under_bf16_autocast():
 def test_cached_prefill_and_decode_logits_match_the_full_forward(dtype):
     model = gemma_model(sliding_window=64).to(dtype).eval()  # a short window: the rings wrap within the test
     idx = tokens(2, 200)
-    cache = model.make_cache(batch_size=2, max_len=220)
+    cache = make_cache(model, batch_size=2, max_len=220)
     with torch.no_grad():
         expected = model(idx)[0]
         pieces = [model(idx[:, :90], cache=cache)[0]]  # a prefill past the window
@@ -177,10 +178,10 @@ def test_compiled_decode_equals_eager_and_recomputation(int8):
     prompt = tokens(2, 20)
     expected = model.generate(prompt, 100, temperature=0, use_cache=False)  # past the window: the rings wrap
     assert torch.equal(model.generate(prompt, 100, temperature=0), expected)
-    model.compile_decode()
+    decode = compile_decode(model)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert torch.equal(model.generate(prompt, 100, temperature=0), expected)
+        assert torch.equal(generate(model, prompt, 100, temperature=0, decode=decode), expected)
 
 
 def test_int8_logits_stay_close_to_the_float_model():

@@ -5,6 +5,7 @@ import torch
 from hf_reference import tiny_config
 
 from architecture import Gemma3Model, KVCache
+from architecture.generate import compile_decode, generate, make_cache
 
 
 def tiny_model(**overrides) -> Gemma3Model:
@@ -28,7 +29,7 @@ def test_greedy_with_cache_equals_recomputation_past_the_window(overrides, promp
 def test_prefill_chunks_and_decode_logits_equal_full_forward():
     model = tiny_model()
     idx = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(2))
-    cache = model.make_cache(batch_size=2, max_len=80)
+    cache = make_cache(model, batch_size=2, max_len=80)
     with torch.no_grad():
         expected, _ = model(idx)
         pieces = [model(idx[:, :23], cache=cache)[0]]  # prefill longer than the 16-token window
@@ -60,7 +61,7 @@ def test_ring_buffers_bound_sliding_layer_memory():
 
 def test_ring_holds_the_last_window_positions_after_wrapping():
     model = tiny_model()
-    cache = model.make_cache(batch_size=1, max_len=100)
+    cache = make_cache(model, batch_size=1, max_len=100)
     with torch.no_grad():
         model(torch.zeros(1, 37, dtype=torch.long), cache=cache)
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
@@ -70,7 +71,7 @@ def test_ring_holds_the_last_window_positions_after_wrapping():
 
 def test_overfilling_the_cache_is_an_error():
     model = tiny_model()
-    cache = model.make_cache(batch_size=1, max_len=8)
+    cache = make_cache(model, batch_size=1, max_len=8)
     with pytest.raises(ValueError, match="KV cache holds 8 tokens"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="max_len"):
@@ -81,9 +82,9 @@ def test_compiled_decode_step_equals_eager_and_compiles_once_per_cache_size():
     model = tiny_model()
     prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
     expected = model.generate(prompt, 40, temperature=0)  # past the 16-token window: the rings wrap
-    model.compile_decode()
+    decode = compile_decode(model)
     torch._dynamo.reset()
     # A recompilation at any later position would raise: positions live in tensors, not in the traced program.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert torch.equal(model.generate(prompt, 40, temperature=0), expected)
-        assert torch.equal(model.generate(prompt, 40, temperature=0), expected)  # the same cache size: no recompile
+        assert torch.equal(generate(model, prompt, 40, temperature=0, decode=decode), expected)
+        assert torch.equal(generate(model, prompt, 40, temperature=0, decode=decode), expected)  # no recompile

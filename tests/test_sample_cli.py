@@ -125,7 +125,7 @@ def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatc
 
 def test_generation_stops_at_end_of_text(run_dir, capsys, monkeypatch):
     tokens = [encode(" one")[0], encode(" two")[0], EOT_ID, encode(" three")[0]]
-    monkeypatch.setattr(Gemma3Model, "generate_stream", lambda *args: (torch.tensor([[t]]) for t in tokens))
+    monkeypatch.setattr(sample, "generate_stream", lambda *args, **kwargs: (torch.tensor([[t]]) for t in tokens))
     out = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "zero")
     assert out.out == "zero one two\n" and out.err.startswith("2 tokens in")
 
