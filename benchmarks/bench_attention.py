@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from architecture import REPO_ROOT, ModelConfig
 from architecture.attention import BACKENDS, attend, resolve_backend, sliding_mask, sliding_window_mask
-from training.device import DeviceError, select_device
+from training.device import DeviceError, select_device, synchronize
 
 
 def dense_attend(q, k, v, mask, scale):
@@ -50,13 +50,9 @@ def measure(kind: str, layer: str, T: int, config: ModelConfig, args, device: to
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for _ in range(args.warmup):
         step()
-    sync()
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -64,7 +60,7 @@ def measure(kind: str, layer: str, T: int, config: ModelConfig, args, device: to
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     memory = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     return {"ms": statistics.median(times) * 1e3, "mib": memory}

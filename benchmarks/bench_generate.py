@@ -31,7 +31,7 @@ from architecture.config import DTYPES
 from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
 from architecture.int8 import linear_weight_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
-from training.device import DeviceError, native_bf16, select_device
+from training.device import DeviceError, native_bf16, select_device, synchronize
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
@@ -39,20 +39,15 @@ SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1,
              layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_prefill(model: Gemma3Model, prompt: torch.Tensor) -> float:
     """Seconds from `prompt` to the first new token, as generation runs it: one forward into a fresh cache, the
     head on the last position only (best of 3)."""
     best = math.inf
     for _ in range(3):
-        sync(prompt.device)
+        synchronize(prompt.device)
         start = time.perf_counter()
         next(generate_stream(model, prompt, 1, temperature=0))
-        sync(prompt.device)
+        synchronize(prompt.device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -63,11 +58,11 @@ def decode_rate(
     """Tokens per second after the first new token (so the prefill is not counted)."""
     stream = generate_stream(model, prompt, new_tokens, temperature=0, use_cache=use_cache, decode=decode)
     next(stream)
-    sync(prompt.device)
+    synchronize(prompt.device)
     start = time.perf_counter()
     for _ in stream:
         pass
-    sync(prompt.device)
+    synchronize(prompt.device)
     return (new_tokens - 1) / (time.perf_counter() - start)
 
 
@@ -76,10 +71,10 @@ def memory_bandwidth(device: torch.device) -> float:
     source = torch.ones(2**28, device=device)
     best = math.inf
     for _ in range(5):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         source.sum()
-        sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return source.numel() * source.element_size() / best
 

@@ -42,6 +42,7 @@ from training.device import (
     fused_adamw_available,
     keep_freed_memory_for_reuse,
     select_device,
+    synchronize,
 )
 from training.metrics import flops_per_token, peak_flops
 
@@ -83,7 +84,7 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
 
     start = time.perf_counter()
     step()
-    sync(device)
+    synchronize(device)
     first_step = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
@@ -91,18 +92,13 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"times": times, "first_step_s": first_step, "peak_memory_gib": memory}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: torch.device, dtype: str) -> float:
@@ -112,10 +108,10 @@ def matmul_peak(device: torch.device, dtype: str) -> float:
     a @ b
     best = math.inf
     for _ in range(10):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best
 

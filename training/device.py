@@ -113,9 +113,6 @@ def mps_supports(feature: str) -> bool:
         if feature == "autocast_bf16":
             with torch.autocast("mps", dtype=torch.bfloat16):
                 (x @ x.transpose(-1, -2)).sum().item()
-        elif feature == "sdpa_gqa":
-            kv = torch.ones(1, 1, 4, 8, device="mps")
-            torch.nn.functional.scaled_dot_product_attention(x, kv, kv, enable_gqa=True).sum().item()
         elif feature == "fused_adamw":
             p = torch.nn.Parameter(torch.ones(2, device="mps"))
             p.grad = torch.ones(2, device="mps")
@@ -139,6 +136,15 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
     return bool(libc.mallopt(m_mmap_threshold, 2**28)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA and MPS run asynchronously; the CPU has nothing queued): what a
+    timer must do before it reads the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def allow_tf32(device: torch.device) -> None:
