@@ -177,6 +177,15 @@ def test_run_logs_evaluates_and_checkpoints(straight_run):
     assert load_checkpoint(run_dir / "best.pt")["best_val_loss"] == checkpoint["best_val_loss"]
 
 
+def test_the_log_reports_the_gradient_norm_before_clipping(straight_run):
+    run_dir, output = straight_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows if r["kind"] == "train"]
+    assert len(norms) == 12 and all(math.isfinite(n) and n > 0 for n in norms)
+    assert any(n > 1.0 for n in norms)  # above grad_clip (1.0): the figure is the norm before clipping
+    assert f"grad norm {norms[-1]:.3g}," in output
+
+
 def test_redirected_log_is_plain_lines_with_config_differences_and_a_summary(straight_run):
     run_dir, output = straight_run
     assert "\r" not in output and "it/s" not in output  # no progress-bar frames in a redirected log

@@ -41,7 +41,7 @@ class NullLogger:
     """The logger of ranks other than 0: every call does nothing."""
 
     def start(self, run) -> None: ...
-    def iteration(self, run, loss: float, lr: float) -> None: ...
+    def iteration(self, run, loss: float, lr: float, grad_norm: torch.Tensor) -> None: ...
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None: ...
     def note(self, message: str) -> None: ...
     def summary(self, run, stopped: bool) -> None: ...
@@ -100,7 +100,7 @@ class RunLogger(NullLogger):
         if self.config.compile:
             self.write("torch.compile: the first iteration compiles the model (a minute or more)")
 
-    def iteration(self, run, loss: float, lr: float) -> None:
+    def iteration(self, run, loss: float, lr: float, grad_norm: torch.Tensor) -> None:
         now = time.perf_counter()
         dt, self.last = now - self.last, now
         self.progress.update(1)
@@ -110,7 +110,14 @@ class RunLogger(NullLogger):
             self.metrics.log("compile", run.iter_num, first_iter_s=dt)
         if run.iter_num % self.config.log_interval and not first:
             return
-        row = {"loss": loss, "lr": lr, "tokens_per_sec": self.config.tokens_per_iter / dt, "ms_per_iter": dt * 1e3}
+        tokens_per_sec = self.config.tokens_per_iter / dt
+        row = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_sec": tokens_per_sec,
+            "ms_per_iter": dt * 1e3,
+        }
         extra = ""
         if self.peak:
             row["mfu"] = self.flops_per_iter / dt / self.peak
@@ -120,8 +127,10 @@ class RunLogger(NullLogger):
             extra += f", {row['peak_memory_gib']:.1f} GiB peak"
         self.metrics.log("train", run.iter_num, **row)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        self.write(f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {row['tokens_per_sec']:,.0f} tok/s, "
-                   f"{row['ms_per_iter']:.0f} ms{extra}")  # fmt: skip
+        self.write(
+            f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, grad norm {row['grad_norm']:.3g}, "
+            f"{tokens_per_sec:,.0f} tok/s, {dt * 1e3:.0f} ms{extra}"
+        )
 
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None:
         self.metrics.log("eval", run.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)

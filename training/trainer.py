@@ -3,8 +3,8 @@
     run = setup_run(config, device, world)            # model, tokenizer, data, optimizer; resumed if asked
     while run.iter_num < config.max_iters:
         lr = set_learning_rate(run)                   # linear warmup, cosine decay
-        loss, stop = train_step(run, stop_request)    # micro-batches, clip, AdamW step
-        logger.iteration(run, loss, lr)
+        loss, grad_norm, stop = train_step(run, stop_request)   # micro-batches, clip, AdamW step
+        logger.iteration(run, loss, lr, grad_norm)
         evaluate, then checkpoint: run.state_dict()   # every eval_interval, and at the end
 
 Design choices:
@@ -224,8 +224,8 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     try:
         while run.iter_num < config.max_iters:
             lr = set_learning_rate(run)
-            loss, stopped = train_step(run, stop_request)
-            logger.iteration(run, loss, lr)
+            loss, grad_norm, stopped = train_step(run, stop_request)
+            logger.iteration(run, loss, lr, grad_norm)
             evaluates = run.iter_num % config.eval_interval == 0 or run.iter_num == config.max_iters
             if evaluates and world.is_master:
                 losses = evaluate_and_checkpoint(run, logger, lr)
@@ -318,9 +318,10 @@ def set_learning_rate(run: Run) -> float:
     return lr
 
 
-def train_step(run: Run, stop_request: StopRequest) -> tuple[float, bool]:
-    """One optimizer update over the iteration's micro-batches; returns the mean loss and whether any rank asked
-    to stop."""
+def train_step(run: Run, stop_request: StopRequest) -> tuple[float, torch.Tensor, bool]:
+    """One optimizer update over the iteration's micro-batches; returns the mean loss, the gradients' global norm
+    before clipping (a tensor: reading it waits for the device, so only the logged iterations do) and whether any
+    rank asked to stop."""
     model, loader, world = run.step_model, run.train_loader, run.world
     loss_sum = torch.zeros((), device=run.device)
     x, y = loader.next_batch()
@@ -342,12 +343,13 @@ def train_step(run: Run, stop_request: StopRequest) -> tuple[float, bool]:
         status[0] /= world.world_size
     loss_value, stop = status[0].item(), status[1].item() > 0
     check_loss(run, loss_value)
-    if run.config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.config.grad_clip)
+    # With grad_clip 0 the norm is still measured: an infinite bound scales every gradient by exactly 1.
+    max_norm = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.iter_num += 1
-    return loss_value, stop
+    return loss_value, grad_norm, stop
 
 
 def evaluate_and_checkpoint(run: Run, logger: NullLogger, lr: float) -> dict:
