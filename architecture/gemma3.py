@@ -3,9 +3,10 @@
 Design choices:
 - Each block is pre- and post-normed around both attention and feed-forward (four RMSNorms), and every RMSNorm
   is Gemma's: computed in float32 and scaled by (1 + weight), so a zero weight is the identity.
-- Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads
-  (`enable_gqa`, so keys and values are never copied per head). Queries and keys are RMS-normed per head,
-  then rotated with RoPE whose base depends on the layer type (local for sliding, global for full layers).
+- Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads (`enable_gqa`:
+  keys and values are not copied per head wherever a fused kernel takes them shared, see attention.py). Queries
+  and keys are RMS-normed per head, then rotated with RoPE whose base depends on the layer type (local for
+  sliding, global for full layers).
 - Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than the sliding
   window takes SDPA's causal path in every layer; a longer one builds one sliding mask per forward, shared by all
   sliding layers (a cached FlexAttention `BlockMask` on data-center GPUs, window-sized blocks for SDPA
@@ -210,10 +211,14 @@ class Gemma3Model(nn.Module):
                 x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
         return x
 
-    def last_logits(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """float32 logits (B, vocab) of the last position of `idx` at `positions`: all that generation needs (a
-        cache's `begin` has prepared the step). See generate.py."""
-        return self.lm_head(self.final_norm(self._blocks(idx, positions, cache)[:, -1])).float()
+    def last_logits(
+        self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 logits (B, vocab) of the last position of `idx`: all that generation needs (generate.py).
+        Without `positions`, `idx` continues `cache` (or starts a sequence), as in `forward`; with them, they are
+        what the cache's `begin` returned for this step (a decode step, whose positions live in tensors)."""
+        hidden = self._hidden(idx, cache) if positions is None else self._blocks(idx, positions, cache)
+        return self.lm_head(self.final_norm(hidden[:, -1])).float()
 
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **options

@@ -32,17 +32,14 @@ def make_cache(model: torch.nn.Module, batch_size: int, max_len: int | None = No
 
 def prefill(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """float32 logits (B, vocab) after the prompt `idx` (B, T), cached from position 0 (uncached without a cache)."""
-    if idx.size(1) > model.config.context_length:
-        raise ValueError(f"sequence length {idx.size(1)} exceeds context_length {model.config.context_length}")
-    if cache is None:
-        return model.last_logits(idx, torch.arange(idx.size(1), device=idx.device), None)
-    cache.reset()
-    return model.last_logits(idx, cache.begin(idx.size(1)), cache)
+    if cache is not None:
+        cache.reset()
+    return model.last_logits(idx, cache)
 
 
 def decode_one_token(model: torch.nn.Module, token: torch.Tensor, positions: torch.Tensor, cache: KVCache):
     """float32 logits (B, vocab) after `token` (B, 1) at `positions` (from `cache.begin(1)`), cached."""
-    return model.last_logits(token, positions, cache)
+    return model.last_logits(token, cache, positions)
 
 
 def compile_decode(model: torch.nn.Module) -> DecodeStep:
