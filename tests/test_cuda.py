@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from hf_reference import tiny_config
 from test_loader import make_dataset
+from test_performance_paths import MatmulCounter
 from test_training import run_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from architecture import IGNORE_INDEX, Gemma3Model
 from architecture.attention import attend, sliding_mask, sliding_window_mask
@@ -122,20 +122,6 @@ def test_sdpa_paths_run_on_fused_kernels(dtype, seq_len):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-class MatmulShapes(TorchDispatchMode):
-    """Records the output shape of every matrix product while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_linear_cross_entropy_with_cuda_defaults_under_bf16_autocast():
     """The 50,257-row head padded to 50,304, chunks of CE_CHUNK_ROWS["cuda"] rows, against plain cross-entropy."""
     generator = torch.Generator(device=CUDA).manual_seed(0)
@@ -147,7 +133,7 @@ def test_linear_cross_entropy_with_cuda_defaults_under_bf16_autocast():
     with torch.autocast("cuda", torch.bfloat16):
         expected = F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE_INDEX)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
-    with torch.autocast("cuda", torch.bfloat16), MatmulShapes() as products:
+    with torch.autocast("cuda", torch.bfloat16), MatmulCounter() as products:
         loss = linear_cross_entropy(hidden, weight, targets)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert (CE_CHUNK_ROWS["cuda"], 50304) in products.shapes and (300, 50304) in products.shapes

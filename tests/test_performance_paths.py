@@ -174,15 +174,18 @@ def test_loss_without_logits_matches_the_public_path(tie):
 
 
 class MatmulCounter(TorchDispatchMode):
-    """Counts the matrix products that reach the kernels while active."""
+    """Counts the matrix products that reach the kernels while active, and records their output shapes."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.shapes = 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+            self.shapes.append(tuple(out.shape))
+        return out
 
 
 def test_loss_under_no_grad_computes_no_gradients():
