@@ -2,7 +2,7 @@
 
 Modules, one job each:
 - `data.tokenizer`: GPT-2 (tiktoken, shipped ranks) or a Hugging Face tokenizer.json, one interface;
-- `data.sources`: text sources (Hugging Face, local files, the offline pydocs/pystdlib corpora);
+- `data.sources`: text sources (Hugging Face, local files) and the built-in corpora, one table by name (`KNOWN`);
 - `data.prepare`: `python data/prepare.py SOURCE` -> data/<name>/{train.bin,val.bin,meta.json};
 - `data.meta`: reading and writing meta.json, the marker of a complete dataset;
 - `data.loader`: `BatchLoader`, random (x, y) batches from the token files.

@@ -8,7 +8,7 @@ Design choices:
   and keeps its own slice: ranks see distinct windows, and one rank's `state_dict()` (the one a
   checkpoint holds) resumes every rank exactly.
 - Everything that can be wrong with the files is checked in `__init__` with a message that says
-  the fix (prepare command, tokenizer, vocab size, split length), except the token ids themselves: scanning
+  the fix (prepare command, tokenizer, file size, split length), except the token ids themselves: scanning
   a multi-GB file at every open would cost minutes, so each batch's ids are checked instead,
   which costs microseconds and covers exactly the data the model sees.
 - On CUDA, batches are copied from pinned memory with non_blocking=True, so the copy overlaps
@@ -38,7 +38,6 @@ class BatchLoader:
         block_size: int,
         device: str | torch.device = "cpu",
         seed: int = 0,
-        vocab_size: int | None = None,
         tokenizer: Tokenizer | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -54,12 +53,9 @@ class BatchLoader:
         meta = read_meta(data_dir)
         if tokenizer is not None and (mismatch := tokenizer_mismatch(data_dir, meta, tokenizer)):
             raise DataError(mismatch)
-        if vocab_size is not None and meta["vocab_size"] > vocab_size:
-            raise DataError(
-                f"{data_dir} was tokenized with {meta['vocab_size']} ids but the "
-                f"model's vocab_size is {vocab_size}; use a matching tokenizer or model config"
-            )
-        self.vocab_size = meta["vocab_size"]  # the tokenizer's range, within the model's embedding (checked above)
+        # The tokenizer's range, which each batch is checked against; that the model's embedding holds this range is
+        # the model's check (training.checkpoint.check_tokenizer_fits), made once where the model is built.
+        self.vocab_size = meta["vocab_size"]
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         mismatch = token_file_mismatch(data_dir, meta, split)
         if mismatch:

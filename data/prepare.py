@@ -2,10 +2,10 @@
 
     python data/prepare.py [SOURCE] [--name NAME] [--tokenizer PATH] [--num-proc N] [--val-fraction F] [--force]
 
-SOURCE: tinystories (default), pydocs, pystdlib, a Hugging Face dataset id, or local .txt/.jsonl
-files, globs or folders. --tokenizer: gpt2 (default), a tokenizer.json, or a Hugging Face model directory holding
-one (e.g. the official Gemma 3 270M's, to fine-tune it). Also usable as a library: `prepare(...)`,
-`ensure_prepared(...)`.
+SOURCE: a built-in corpus named in data/sources.py's KNOWN (tinystories, the default; pydocs; pystdlib), a Hugging
+Face dataset id, or local .txt/.jsonl files, globs or folders. --tokenizer: gpt2 (default), a tokenizer.json, or a
+Hugging Face model directory holding one (e.g. the official Gemma 3 270M's, to fine-tune it). Also usable as a
+library: `prepare(...)`, `ensure_prepared(...)`.
 
 Design choices:
 - Every document gets its tokenizer's separators (`<|endoftext|>` after it for GPT-2, `<bos>` before and `<eos>`
@@ -244,8 +244,9 @@ def _build(
 
 
 def ensure_prepared(dataset: str, tokenizer: Tokenizer, data_root: str | Path = DATA_ROOT) -> Path:
-    """`data_root/dataset`, preparing the known corpora (tinystories, pydocs, pystdlib) if not complete. They are
-    prepared with GPT-2 only, so that data/pydocs always means the demo's data; other tokenizers name their own.
+    """`data_root/dataset`, preparing a built-in corpus (`sources.KNOWN`) if not complete.
+    Built-ins are prepared with GPT-2 only, so that data/pydocs always means the demo's data; other tokenizers name
+    their own.
 
     Call it on one process (e.g. DDP rank 0) before the others open the data; concurrent callers
     are safe, since they wait on the dataset's lock, but each would re-check the source.
@@ -268,9 +269,7 @@ def ensure_prepared(dataset: str, tokenizer: Tokenizer, data_root: str | Path = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "source", nargs="?", default="tinystories", help="tinystories, pydocs, pystdlib, HF id, or files"
-    )
+    parser.add_argument("source", nargs="?", default="tinystories", help=f"{', '.join(sources.KNOWN)}, HF id, or files")
     parser.add_argument("--name", help="output directory data/<name>/ (default: from the source)")
     parser.add_argument(
         "--tokenizer", default="gpt2", help="gpt2 (default), a tokenizer.json, or a Hugging Face model directory"

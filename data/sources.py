@@ -9,7 +9,11 @@ Design choices:
 - Hugging Face loads fail fast offline: when huggingface.co does not answer a 2 s probe, the hub
   is switched to offline mode (cached datasets still load) instead of retrying for minutes, and
   the error names the offline corpora.
-- Offline corpora from the Python installation itself, so the whole pipeline runs anywhere:
+- Built-in corpora are one table, `KNOWN` at the end of this module: name -> `BuiltIn` (the function that makes
+  the Source, and the description entries that recognise a dataset prepared from it). `resolve`, `default_name`,
+  `command_source`, prepare's help, training's prepare-on-first-use and the "not prepared" message all read it,
+  so adding a corpus is a function and one entry here.
+- Besides TinyStories, offline corpora from the Python installation itself, so the whole pipeline runs anywhere:
   `pydocs` (the reference documentation in `pydoc_data`, one document per topic, ~0.5 MB) and
   `pystdlib` (the standard library's .py files, one document per file, ~30 MB).
 """
@@ -28,7 +32,6 @@ from pathlib import Path
 
 from data.errors import DataError
 
-KNOWN = ("tinystories", "pydocs", "pystdlib")  # built-in corpora: data/<name>/ is prepared on first use
 OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pystdlib)"
 
 
@@ -40,6 +43,16 @@ class Source:
     default_val_fraction: float = 0.01
 
 
+@dataclass(frozen=True)
+class BuiltIn:
+    """A corpus named in KNOWN. `make(streaming)` builds its Source (only Hugging Face sources stream). `marks` are
+    the entries of its description that are the same wherever it is prepared (not file counts or the Python
+    version), so that a message about a prepared dataset can name the built-in rather than what it reads."""
+
+    make: Callable[[bool], Source]
+    marks: dict
+
+
 def resolve(
     source: str,
     text_field: str = "text",
@@ -48,13 +61,9 @@ def resolve(
     config: str | None = None,
     streaming: bool = False,
 ) -> Source:
-    """The Source named by a prepare SOURCE argument."""
-    if source == "pydocs":
-        return pydocs()
-    if source == "pystdlib":
-        return pystdlib()
-    if source == "tinystories":
-        return huggingface("roneneldan/TinyStories", "text", "train", "validation", None, streaming)
+    """The Source named by a prepare SOURCE argument; a built-in corpus takes only `streaming` of the options."""
+    if source in KNOWN:
+        return KNOWN[source].make(streaming)
     if _looks_local(source):
         return local_files(source, text_field)
     return huggingface(source, text_field, split, val_split, config, streaming)
@@ -94,51 +103,19 @@ def default_name(source: str) -> str:
 
 def command_source(description: dict) -> str:
     """The SOURCE argument of `python data/prepare.py` that rebuilds a source with this description."""
+    for name, built_in in KNOWN.items():
+        if built_in.marks.items() <= description.items():
+            return name
     kind = description.get("kind")
     if kind == "files":
         return description["pattern"]
     if kind == "huggingface":
-        tinystories = description["dataset"] == "roneneldan/TinyStories" and description["val_split"] == "validation"
-        return "tinystories" if tinystories else description["dataset"]
+        return description["dataset"]
     return kind or "SOURCE"
 
 
 def _looks_local(source: str) -> bool:
     return os.path.exists(source) or glob.has_magic(source) or source.endswith((".txt", ".jsonl"))
-
-
-def pydocs() -> Source:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:
-        raise DataError("this Python installation lacks pydoc_data; use pystdlib instead") from e
-
-    def documents() -> Iterator[tuple[str, None]]:
-        for key in sorted(topics):
-            yield topics[key], None
-
-    description = {"kind": "pydocs", "python": platform.python_version(), "documents": len(topics)}
-    # Only ~80 documents: hold out enough of them that val outlasts one block.
-    return Source(description, documents, default_val_fraction=0.1)
-
-
-def pystdlib() -> Source:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-
-    def documents() -> Iterator[tuple[str, None]]:
-        for path in files:
-            # A few test modules are deliberately not UTF-8; replacing bad bytes keeps them in.
-            yield path.read_bytes().decode("utf-8", errors="replace"), None
-
-    description = {
-        "kind": "pystdlib",
-        "python": platform.python_version(),
-        "files": len(files),
-        "bytes": sum(p.stat().st_size for p in files),
-    }
-    return Source(description, documents)
 
 
 def local_files(pattern: str, text_field: str = "text") -> Source:
@@ -241,3 +218,52 @@ def _hf_texts(
             )
         for text in batch[text_field]:
             yield text, tag
+
+
+# Built-in corpora: prepared by name, on first use by training. Adding one is a function here and an entry in KNOWN.
+
+
+def tinystories(streaming: bool) -> Source:
+    """TinyStories (Eldan and Li, 2023), with the validation split its authors hold out."""
+    return huggingface("roneneldan/TinyStories", "text", "train", "validation", None, streaming)
+
+
+def pydocs() -> Source:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError("this Python installation lacks pydoc_data; use pystdlib instead") from e
+
+    def documents() -> Iterator[tuple[str, None]]:
+        for key in sorted(topics):
+            yield topics[key], None
+
+    description = {"kind": "pydocs", "python": platform.python_version(), "documents": len(topics)}
+    # Only ~80 documents: hold out enough of them that val outlasts one block.
+    return Source(description, documents, default_val_fraction=0.1)
+
+
+def pystdlib() -> Source:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+    def documents() -> Iterator[tuple[str, None]]:
+        for path in files:
+            # A few test modules are deliberately not UTF-8; replacing bad bytes keeps them in.
+            yield path.read_bytes().decode("utf-8", errors="replace"), None
+
+    description = {
+        "kind": "pystdlib",
+        "python": platform.python_version(),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+    }
+    return Source(description, documents)
+
+
+KNOWN: dict[str, BuiltIn] = {
+    "tinystories": BuiltIn(tinystories, tinystories(streaming=False).description),
+    "pydocs": BuiltIn(lambda streaming: pydocs(), {"kind": "pydocs"}),
+    "pystdlib": BuiltIn(lambda streaming: pystdlib(), {"kind": "pystdlib"}),
+}

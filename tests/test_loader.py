@@ -31,7 +31,7 @@ def dataset(tmp_path):
 
 
 def test_batches_are_shifted_windows(dataset):
-    x, y = BatchLoader(dataset, "train", batch_size=4, block_size=16, vocab_size=50257).next_batch()
+    x, y = BatchLoader(dataset, "train", batch_size=4, block_size=16).next_batch()
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()
     assert torch.equal(y, x + 1)  # the train split counts up, so the next token is always x + 1
@@ -73,7 +73,7 @@ def test_ddp_ranks_differ_and_resume_from_one_state(dataset):
 
 
 def test_val_split_and_padded_model_vocab(dataset):
-    x, _ = BatchLoader(dataset, "val", batch_size=2, block_size=N_VAL - 1, vocab_size=50304).next_batch()
+    x, _ = BatchLoader(dataset, "val", batch_size=2, block_size=N_VAL - 1).next_batch()
     assert torch.equal(x[0], torch.arange(N_VAL - 1))
 
 
@@ -86,11 +86,6 @@ def test_missing_meta_is_incomplete(dataset):
     (dataset / "meta.json").unlink()
     with pytest.raises(DataError, match="incomplete"):
         BatchLoader(dataset, "train", 2, 8)
-
-
-def test_vocab_mismatch(dataset):
-    with pytest.raises(DataError, match="vocab_size is 1000"):
-        BatchLoader(dataset, "train", 2, 8, vocab_size=1000)
 
 
 def test_split_too_short(dataset):
