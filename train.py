@@ -9,7 +9,6 @@ import dataclasses
 import sys
 
 from architecture import ConfigError, WeightsError
-from architecture.config import INTERNAL_FIELDS
 from data import DataError
 from training.checkpoint import CheckpointError, first_line
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
@@ -22,7 +21,6 @@ def main() -> None:
     settings = "\n".join(
         f"  --{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
         for f in dataclasses.fields(TrainingConfig)
-        if f.name not in INTERNAL_FIELDS
     )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],

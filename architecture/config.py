@@ -5,6 +5,8 @@ Design choices:
   the attributes the model reads are the same words.
 - Every key is checked: unknown keys stop with the closest valid key suggested, values are type-checked, and
   each architectural rule names the field that breaks it. `ConfigError` carries that message.
+- Where the values came from (`Origin`: the file, and the keys given on the command line) is kept beside the
+  settings, not among them, so it never reaches `to_dict`, `==` or a JSON file; each message starts with it.
 - `from_hf_dict` / `to_hf_dict` translate to and from a Hugging Face `Gemma3TextConfig` dict, so official
   checkpoints load and trained models export without transformers at run time.
 - `load_dataclass` is the generic JSON -> dataclass step, shared with the training config.
@@ -14,12 +16,11 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # config paths in JSON files are relative to it
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "config" / "model_config.json"
@@ -29,6 +30,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a config's values came from, for its error messages: `source` names the file (or what the values were
+    read from), `command_line` the keys given as --key=value on top of it."""
+
+    source: str
+    command_line: frozenset[str] = frozenset()
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -48,7 +58,6 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
-INTERNAL_FIELDS = ("source", "command_line")  # filled by the loader, never read from a file
 
 
 def _type_name(annotation: Any) -> str:
@@ -57,30 +66,24 @@ def _type_name(annotation: Any) -> str:
     return TYPE_NAMES.get(annotation) or getattr(annotation, "__name__", None) or str(annotation)
 
 
-def load_dataclass(cls: type, values: dict[str, Any], source: str, command_line: tuple[str, ...] = ()) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type.
-
-    `source` names where the values came from (a file path), and `command_line` the keys given as --key=value, for
-    the error messages.
-    """
+def load_dataclass(cls: type, values: dict[str, Any], origin: Origin) -> Any:
+    """Build config dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type; `origin` says
+    where the values came from, for the error messages."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a JSON object of settings, got {type(values).__name__}")
+        raise ConfigError(f"{origin.source}: expected a JSON object of settings, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    has_source = "source" in hints
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in INTERNAL_FIELDS]
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{origin.source}: unknown key '{key}'{hint}")
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
-            where = f"--{key} (command line)" if key in command_line else source
+            where = f"--{key} (command line)" if key in origin.command_line else origin.source
             raise ConfigError(f"{where}: '{key}' must be {_type_name(hints[key])}, got {json.dumps(value)}")
     converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
-    if "command_line" in hints:
-        converted["command_line"] = tuple(command_line)
-    return cls(**converted, source=source) if has_source else cls(**converted)
+    return cls(**converted, origin=origin)
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -106,40 +109,46 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}; keep one") from None
 
 
+@dataclass
 class CheckedConfig:
-    """Base of the config dataclasses: validated when created, errors prefixed with where the values came from
-    (the `source` field each subclass declares last), and exported to JSON without that field."""
+    """Base of the config dataclasses: validated when created, each error prefixed with where the fields it names
+    came from. `origin` is a constructor argument kept as `self.origin`, not a field: the settings are the fields."""
 
-    def __post_init__(self) -> None:
+    origin: InitVar[Origin | None] = field(default=None, kw_only=True)
+
+    def __post_init__(self, origin: Origin | None) -> None:
+        self.origin = origin or Origin(type(self).__name__)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             numbers = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                self._fail(f"'{f.name}' must be a finite number, got {value}")
+                self._fail(f.name, message=f"'{f.name}' must be a finite number, got {value}")
         self.validate()
 
     def validate(self) -> None:
         raise NotImplementedError
 
-    def _fail(self, message: str) -> None:
-        """Raise ConfigError, prefixed with where the 'quoted' fields of the message came from."""
-        named = [name for name in dict.fromkeys(re.findall(r"'(\w+)'", message)) if hasattr(self, name)]
-        cli = [name for name in named if name in getattr(self, "command_line", ())]
-        where = self.source
-        if cli:
-            given = ", ".join(f"--{name}={getattr(self, name)}" for name in cli) + " (command line)"
-            where = given if len(cli) == len(named) else f"{given} with {self.source}"
+    def _fail(self, *fields: str, message: str) -> NoReturn:
+        """Raise ConfigError for a rule that `fields` break, prefixed with where their values came from: the file,
+        the command line, or both when a flag conflicts with a value from the file."""
+        given = [name for name in fields if name in self.origin.command_line]
+        where = self.origin.source
+        if given:
+            flags = ", ".join(f"--{name}={getattr(self, name)}" for name in given) + " (command line)"
+            where = flags if len(given) == len(fields) else f"{flags} with {where}"
         raise ConfigError(f"{where}: {message}")
 
     def _require_positive(self, *names: str, allow_zero: bool = False) -> None:
         for name in names:
             value = getattr(self, name)
             if value < 0 or (value == 0 and not allow_zero):
-                self._fail(f"'{name}' must {'not be negative' if allow_zero else 'be positive'}, got {value}")
+                self._fail(
+                    name, message=f"'{name}' must {'not be negative' if allow_zero else 'be positive'}, got {value}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready settings (what `load_dataclass` reads back)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in INTERNAL_FIELDS}
+        return dataclasses.asdict(self)
 
 
 def _default_layer_types() -> list[str]:
@@ -167,7 +176,6 @@ class ModelConfig(CheckedConfig):
     dtype: str = "bfloat16"  # dtype for inference and export; training keeps float32 parameters
     tie_embeddings: bool = False  # a separate output head by default; official Gemma 3 ties it to the embedding
     rms_norm_eps: float = 1e-6
-    source: str = field(default="ModelConfig", repr=False, compare=False)
 
     def validate(self) -> None:
         """Check the architectural rules; the first broken one raises `ConfigError` naming its field."""
@@ -176,25 +184,40 @@ class ModelConfig(CheckedConfig):
             "query_pre_attn_scalar", "rope_local_base", "rope_base", "sliding_window", "rms_norm_eps",
         )  # fmt: skip
         if self.head_dim % 2:
-            self._fail(f"'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+            self._fail("head_dim", message=f"'head_dim' must be even for rotary embeddings, got {self.head_dim}")
         if self.n_heads % self.n_kv_groups:
-            self._fail(f"'n_heads' ({self.n_heads}) must be divisible by 'n_kv_groups' ({self.n_kv_groups})")
+            self._fail(
+                "n_heads",
+                "n_kv_groups",
+                message=f"'n_heads' ({self.n_heads}) must be divisible by 'n_kv_groups' ({self.n_kv_groups})",
+            )
         if self.sliding_window >= self.context_length:
             self._fail(
-                f"'sliding_window' ({self.sliding_window}) must be smaller than 'context_length' "
-                f"({self.context_length})"
+                "sliding_window",
+                "context_length",
+                message=(
+                    f"'sliding_window' ({self.sliding_window}) must be smaller than 'context_length' "
+                    f"({self.context_length})"
+                ),
             )
         if len(self.layer_types) != self.n_layers:
-            self._fail(f"'layer_types' has {len(self.layer_types)} entries but 'n_layers' is {self.n_layers}")
+            self._fail(
+                "layer_types",
+                "n_layers",
+                message=f"'layer_types' has {len(self.layer_types)} entries but 'n_layers' is {self.n_layers}",
+            )
         for i, kind in enumerate(self.layer_types):
             if kind not in LAYER_TYPES:
-                self._fail(f"'layer_types'[{i}] is '{kind}'; each entry must be one of {', '.join(LAYER_TYPES)}")
+                self._fail(
+                    "layer_types",
+                    message=f"'layer_types'[{i}] is '{kind}'; each entry must be one of {', '.join(LAYER_TYPES)}",
+                )
         if self.dtype not in DTYPES:
-            self._fail(f"'dtype' is '{self.dtype}'; use one of {', '.join(DTYPES)}")
+            self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use one of {', '.join(DTYPES)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "ModelConfig":
-        return load_dataclass(cls, values, source)
+        return load_dataclass(cls, values, Origin(source))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -261,13 +284,13 @@ class ModelConfig(CheckedConfig):
             dtype=dtype if dtype in DTYPES else "bfloat16",
             tie_embeddings=hf.get("tie_word_embeddings", True),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            source=source,
+            origin=Origin(source),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The equivalent Hugging Face `Gemma3TextConfig` dict (transformers 5 spelling)."""
         if not self.qk_norm:
-            raise ConfigError(f"{self.source}: a model without qk_norm has no Hugging Face Gemma 3 equivalent")
+            raise ConfigError(f"{self.origin.source}: a model without qk_norm has no Hugging Face Gemma 3 equivalent")
         return {
             "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text",

@@ -9,7 +9,7 @@ from architecture import DEFAULT_MODEL_CONFIG, ConfigError, ModelConfig
 SEED_VALUES = {
     "vocab_size": 50257, "context_length": 32768, "emb_dim": 640, "n_heads": 4, "n_layers": 18, "hidden_dim": 2048,
     "head_dim": 256, "qk_norm": True, "n_kv_groups": 1, "query_pre_attn_scalar": 256, "rope_local_base": 10000,
-    "rope_base": 1000000, "sliding_window": 512, "dtype": "bfloat16", "tie_embeddings": False,
+    "rope_base": 1000000, "sliding_window": 512, "dtype": "bfloat16", "tie_embeddings": False, "rms_norm_eps": 1e-6,
     "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
 }  # fmt: skip
 
@@ -18,6 +18,11 @@ def test_shipped_json_holds_the_seed_values():
     on_disk = json.loads(DEFAULT_MODEL_CONFIG.read_text())
     assert on_disk == SEED_VALUES
     assert ModelConfig.from_json(DEFAULT_MODEL_CONFIG) == ModelConfig()  # the dataclass defaults are the same model
+
+
+def test_shipped_json_is_complete_and_equals_the_dataclass_defaults():
+    # Every key, as users edit it; the same values, so a changed default cannot silently disagree with the file.
+    assert json.loads(DEFAULT_MODEL_CONFIG.read_text()) == ModelConfig().to_dict()
 
 
 def config_file(tmp_path, **changes):

@@ -85,6 +85,11 @@ def test_shipped_config_is_the_seed_run_counted_in_updates():
     load_training_config(REPO / "config" / "demo.json")
 
 
+def test_shipped_json_is_complete_and_equals_the_dataclass_defaults():
+    # Every key, as users edit it; the same values, so a changed default cannot silently disagree with the file.
+    assert json.loads(DEFAULT_TRAINING_CONFIG.read_text()) == TrainingConfig().to_dict()
+
+
 def test_schedule_corners():
     config = TrainingConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_iters=110)
     assert learning_rate(0, config) == 0.0

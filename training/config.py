@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from architecture.attention import BACKENDS
-from architecture.config import INTERNAL_FIELDS, REPO_ROOT, CheckedConfig, ConfigError, load_dataclass, read_json
+from architecture.config import REPO_ROOT, CheckedConfig, ConfigError, Origin, load_dataclass, read_json
 
 from .device import is_device_name
 
@@ -61,9 +61,6 @@ class TrainingConfig(CheckedConfig):
     wandb_project: str = "gemma3-from-scratch"
     wandb_run_name: str = ""  # empty: wandb picks one
 
-    source: str = field(default="TrainingConfig", repr=False, compare=False)
-    command_line: tuple[str, ...] = field(default=(), repr=False, compare=False)  # keys given as --key=value
-
     def validate(self) -> None:
         self._require_positive(
             "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "eval_interval",
@@ -71,26 +68,39 @@ class TrainingConfig(CheckedConfig):
         )  # fmt: skip
         self._require_positive("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", allow_zero=True)
         if self.seed >= 2**63:
-            self._fail(f"'seed' must be below 2**63, got {self.seed}")
+            self._fail("seed", message=f"'seed' must be below 2**63, got {self.seed}")
         if self.overwrite and self.init_from == "resume":
-            self._fail("'overwrite' and 'init_from' resume contradict each other: choose one")
+            self._fail(
+                "overwrite", "init_from", message="'overwrite' and 'init_from' resume contradict each other: choose one"
+            )
         if self.min_lr > self.learning_rate:
             self._fail(
-                f"'min_lr' ({self.min_lr}) is above 'learning_rate' ({self.learning_rate}): the cosine "
-                "decay would climb; set min_lr to at most learning_rate (often learning_rate / 10)"
+                "min_lr",
+                "learning_rate",
+                message=(
+                    f"'min_lr' ({self.min_lr}) is above 'learning_rate' ({self.learning_rate}): the cosine "
+                    "decay would climb; set min_lr to at most learning_rate (often learning_rate / 10)"
+                ),
             )
         if self.warmup_steps > self.max_iters:
-            self._fail(f"'warmup_steps' ({self.warmup_steps}) exceeds 'max_iters' ({self.max_iters})")
+            self._fail(
+                "warmup_steps",
+                "max_iters",
+                message=f"'warmup_steps' ({self.warmup_steps}) exceeds 'max_iters' ({self.max_iters})",
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            self._fail(f"'betas' must be two numbers in [0, 1), got {self.betas}")
+            self._fail("betas", message=f"'betas' must be two numbers in [0, 1), got {self.betas}")
         if self.dtype not in ("float32", "bfloat16"):
-            self._fail(f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
+            self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
         if not is_device_name(self.device):
-            self._fail(f"'device' is '{self.device}'; use auto, cuda, cuda:N, mps or cpu")
+            self._fail("device", message=f"'device' is '{self.device}'; use auto, cuda, cuda:N, mps or cpu")
         if self.attention_backend not in BACKENDS:
-            self._fail(f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}")
+            self._fail(
+                "attention_backend",
+                message=f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}",
+            )
         if not self.dataset or "/" in self.dataset:
-            self._fail(f"'dataset' must be a name under data/, got '{self.dataset}'")
+            self._fail("dataset", message=f"'dataset' must be a name under data/, got '{self.dataset}'")
 
     @property
     def tokens_per_iter(self) -> int:
@@ -121,7 +131,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`["--max_iters=100", "--compile=true"]` -> {"max_iters": 100, "compile": True}, typed by TrainingConfig."""
-    hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig) if f.name not in INTERNAL_FIELDS}
+    hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig)}
     overrides = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
@@ -140,4 +150,4 @@ def load_training_config(path: str | Path = DEFAULT_TRAINING_CONFIG, overrides: 
     values, given = read_json(path), parse_overrides(list(overrides))
     if isinstance(values, dict):
         values.update(given)
-    return load_dataclass(TrainingConfig, values, source=str(path), command_line=tuple(given))
+    return load_dataclass(TrainingConfig, values, Origin(str(path), frozenset(given)))

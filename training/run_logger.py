@@ -84,7 +84,7 @@ class RunLogger(NullLogger):
         model_config = run.model.config
         self.metrics.log("config", run.iter_num, model=model_config.to_dict(), training=self.config.to_dict())
         changed = config_differences(self.config.to_dict(), TrainingConfig().to_dict())
-        self.write(f"training config {self.config.source}, differences from the defaults (all of it in "
+        self.write(f"training config {self.config.origin.source}, differences from the defaults (all of it in "
                    f"{self.out_dir / 'metrics.jsonl'}): {changed}")  # fmt: skip
         self.write(f"model: {config_differences(model_config.to_dict(), ModelConfig().to_dict())}")
         n_params = sum(p.numel() for p in run.model.parameters())

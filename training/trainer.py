@@ -85,7 +85,7 @@ def resolve_device(config: TrainingConfig) -> torch.device:
             hint = (". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
                     "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
                     "3 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway")  # fmt: skip
-        raise ConfigError(f"{config.source}: {e}{hint}") from None
+        raise ConfigError(f"{config.origin.source}: {e}{hint}") from None
 
 
 def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, dict | None]:
@@ -109,8 +109,8 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
     if (directory / "config.json").is_file():
         return *load_model(directory), None
     raise ConfigError(
-        f"{config.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model directory "
-        "(config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
+        f"{config.origin.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model "
+        "directory (config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
     )
 
 
@@ -248,7 +248,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     device = rank_device(device, world)
     if config.gradient_accumulation_steps % world.world_size:
         raise ConfigError(
-            f"{config.source}: 'gradient_accumulation_steps' ({config.gradient_accumulation_steps}) must be "
+            f"{config.origin.source}: 'gradient_accumulation_steps' ({config.gradient_accumulation_steps}) must be "
             f"divisible by the number of processes ({world.world_size}) so the global batch stays the same"
         )
     torch.manual_seed(config.seed)
@@ -257,7 +257,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
         check_resume(config, model, checkpoint)
     if config.block_size > model.config.context_length:
         raise ConfigError(
-            f"{config.source}: 'block_size' ({config.block_size}) exceeds the model's "
+            f"{config.origin.source}: 'block_size' ({config.block_size}) exceeds the model's "
             f"context_length ({model.config.context_length})"
         )
     once_per_node(world, lambda: ensure_prepared(config.dataset, tokenizer or gpt2()),
