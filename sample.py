@@ -14,8 +14,10 @@ Design choices:
   that context, holding back an incomplete UTF-8 character ("\ufffd"), so a character split across tokens and a
   tokenizer that drops a word's leading space when it starts a decode both print correctly.
 - Samples run one after another (each streamed); `Gemma3Model.generate` batches them for library use.
-- Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py); bfloat16 on CUDA and on CPUs with
-  native bf16 (a decode step reads every weight once, so half the bytes is about twice the speed), float32 elsewhere.
+- Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py); `--dtype` is the model config's
+  `dtype`, its inference dtype, except that bfloat16 runs as float32 where the device has no native bf16 (a decode
+  step reads every weight once, so half the bytes is about twice the speed where bf16 is native; emulated, it is
+  slower than float32).
 - `--compile` compiles the decode step (`architecture.generate.compile_decode`) and warms it up on the prompt before the
   first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own. A failed
   compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
@@ -29,19 +31,19 @@ from pathlib import Path
 
 import torch
 
-from architecture import ConfigError, Gemma3Model, WeightsError
+from architecture import Gemma3Model
 from architecture.config import DTYPES
 from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
 from architecture.int8 import quantize_int8
-from data.errors import DataError
+from data.errors import UserError
 from data.tokenizer import Tokenizer
-from training.checkpoint import CheckpointError, first_line, load_model
+from training.checkpoint import first_line, load_model
 from training.device import DeviceError, native_bf16, select_device
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """Bad input to sample.py; the message is printed as `error: ...`."""
 
 
@@ -60,7 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cuda[:N], mps, cpu")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 where native")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        help="default: the model config's dtype (bfloat16 there means auto); auto: bfloat16 where native, else float32",
+    )
     parser.add_argument("--int8", action="store_true", help="int8 weights for the blocks' Linear layers and the head")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inference)")
     args = parser.parse_args(argv)
@@ -147,11 +153,12 @@ def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_token
 
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device, dtype = resolve_device(args.device, args.dtype)
     prompt = read_prompt(args)
     if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
         raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
     model, tokenizer = load_model(args.ckpt or args.hf_dir)
+    config_dtype = "auto" if model.config.dtype == "bfloat16" else model.config.dtype  # auto: where bf16 is native
+    device, dtype = resolve_device(args.device, args.dtype or config_dtype)
     model.eval()
     if args.int8:
         quantize_int8(model)  # from the float32 weights, before any cast
@@ -188,7 +195,7 @@ def run(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         run(argv)
-    except (SampleError, CheckpointError, ConfigError, WeightsError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,13 +8,10 @@ import argparse
 import dataclasses
 import sys
 
-from architecture import ConfigError, WeightsError
-from data import DataError
-from training.checkpoint import CheckpointError, first_line
+from data.errors import UserError
+from training.checkpoint import first_line
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
-from training.distributed import DistributedError
-from training.run_dir import RunDirError
-from training.trainer import TrainingError, train
+from training.trainer import train
 
 
 def main() -> None:
@@ -31,7 +28,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     try:
         train(load_training_config(args.config, overrides))
-    except (ConfigError, DataError, CheckpointError, WeightsError, TrainingError, RunDirError, DistributedError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C

@@ -5,7 +5,9 @@ import sys
 
 import torch
 
-from . import DEFAULT_MODEL_CONFIG, ConfigError, Gemma3Model, ModelConfig
+from data.errors import UserError
+
+from . import DEFAULT_MODEL_CONFIG, Gemma3Model, ModelConfig
 from .kv_cache import kv_cache_bytes
 
 
@@ -32,8 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         config = ModelConfig.from_json(args.config)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with torch.device("meta"):  # counts need shapes only, not 650 MB of random numbers
         model = Gemma3Model(config)
 

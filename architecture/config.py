@@ -22,13 +22,15 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from data.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent  # config paths in JSON files are relative to it
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "config" / "model_config.json"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or file is wrong; the message names the field and the fix."""
 
 

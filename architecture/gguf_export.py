@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.errors import UserError
+
 from .hf_export import gpt2_vocab_and_merges
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -38,7 +40,7 @@ LLAMA_CPP_CONVERTER = (
 )
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError, ValueError):
     """The model or its tokenizer cannot be expressed in llama.cpp's gemma3 GGUF; the message says why."""
 
 

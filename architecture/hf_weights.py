@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from data.errors import UserError
+
 from .config import ConfigError
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A checkpoint's tensors do not match the model; the message lists every problem."""
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import sources
-from data.errors import DataError
+from data.errors import DataError, UserError
 from data.meta import prepare_command, read_meta, token_dtype, token_file_mismatch, write_meta
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             streaming=args.streaming,
             force=args.force,
         )
-    except DataError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -55,7 +55,7 @@ def test_export_then_our_loader_gives_identical_tensors(tmp_path, dtype):
 
 
 def test_export_script_writes_model_and_gpt2_tokenizer(tmp_path):
-    save_checkpoint(trained_state(gpt2_config()), tmp_path / "run" / "latest.pt")
+    save_checkpoint(trained_state(gpt2_config(dtype="float32")), tmp_path / "run" / "latest.pt")  # exported in float32
     out = tmp_path / "hf"
     command = [sys.executable, "scripts/export_hf.py", "--ckpt", str(tmp_path / "run"), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -86,3 +86,22 @@ def test_export_script_error_is_one_line(tmp_path):
     command = [sys.executable, "scripts/export_hf.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pt'}\n"
+
+
+@pytest.mark.parametrize(
+    "qk_norm, out, fragment",
+    [
+        (False, "hf", "a model without qk_norm has no Hugging Face Gemma 3 equivalent"),
+        (True, "file.txt/hf", "Not a directory"),
+    ],
+    ids=["config-without-hf-equivalent", "out-inside-a-file"],
+)
+def test_export_script_error_while_writing_is_one_line(tmp_path, qk_norm, out, fragment):
+    """A failure inside the export itself, after the checkpoint loaded, is one line and exit 2 too."""
+    config = gpt2_config(qk_norm=qk_norm)
+    save_checkpoint({"model": Gemma3Model(config).state_dict(), "model_config": config.to_dict()}, tmp_path / "m.pt")
+    (tmp_path / "file.txt").write_text("")
+    command = [sys.executable, "scripts/export_hf.py", "--ckpt", str(tmp_path / "m.pt"), "--out", str(tmp_path / out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr, result.stderr

@@ -133,6 +133,14 @@ def test_export_command_writes_a_checkpoint(tmp_path, model):
     )
 
 
+def test_export_command_defaults_to_the_model_configs_dtype(tmp_path, model):
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "m.pt")
+    result = run_export("--ckpt", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.gguf"))
+    assert result.returncode == 0, result.stderr
+    assert model.config.dtype == "bfloat16" and "bf16, tokenizer gpt2" in result.stdout
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+
+
 def word_level_directory(path: Path, model) -> Path:
     """A Hugging Face directory whose tokenizer is not byte-level BPE."""
     export_hf(model, path)

@@ -182,6 +182,17 @@ def test_option_errors(run_dir, capsys, extra, match):
     expect_error(capsys, match, "--ckpt", str(run_dir), *extra)
 
 
+def test_dtype_defaults_to_the_model_configs(run_dir, capsys, monkeypatch, tmp_path):
+    """Without --dtype, the checkpoint's model config names the dtype; its bfloat16 runs only where native."""
+    save_checkpoint(trained_state(gpt2_config(dtype="float16")), tmp_path / "best.pt")
+    args = ["--max-new-tokens", "3"]
+    assert "cpu, float16)" in run_main(capsys, "--ckpt", str(tmp_path), *args).err
+    assert "cpu, float32)" in run_main(capsys, "--ckpt", str(tmp_path), *args, "--dtype", "float32").err
+    for flags, expected in [({"avx512f"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16")]:
+        monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: flags)
+        assert f"cpu, {expected})" in run_main(capsys, "--ckpt", str(run_dir), *args).err  # its config: bfloat16
+
+
 def word_tokenizer(words: list[str]) -> Tokenizer:
     tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = Whitespace()

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from architecture import Gemma3Model, ModelConfig
+from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, truncated or not one of ours; the message names it."""
 
 

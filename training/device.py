@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from data.errors import UserError
+
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, Arm BF16
 NATIVE_BF16_CUDA_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute bf16
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """The requested device does not exist here; the message says what does."""
 
 

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from data.errors import UserError
+
 
 @dataclass
 class Distributed:
@@ -29,7 +31,7 @@ class Distributed:
         return self.rank == 0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A rank waited too long for another; the message says what to do."""
 
 

@@ -12,10 +12,12 @@ import fcntl
 import os
 from pathlib import Path
 
+from data.errors import UserError
+
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The out_dir cannot host this run; the message says why and what to do."""
 
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from architecture import Gemma3Model, ModelConfig
 from architecture.config import REPO_ROOT, ConfigError
 from architecture.hf_weights import hub_snapshot
+from data.errors import UserError
 from data.loader import BatchLoader
 from data.meta import dataset_tokenizer
 from data.prepare import DATA_ROOT, ensure_prepared
@@ -72,7 +73,7 @@ EVAL_SEED = 1_000_003  # evaluation reads the same batches every time, whatever 
 RESUME_KEYS = ("training_config", "iter_num", "best_val_loss", "optimizer", "loader", "rng")  # a training state
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what to do."""
 
 
