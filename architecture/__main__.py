@@ -41,7 +41,8 @@ def main() -> None:
         model = Gemma3Model(config)
 
     counts = parameter_counts(model)
-    print(f"{args.config}: {config.n_layers} layers ({config.layer_types.count('full_attention')} full attention)")
+    n_full = sum(layer.window is None for layer in config.layer_attention)
+    print(f"{args.config}: {config.n_layers} layers ({n_full} full attention)")
     for component, n in counts.items():
         print(f"  {component:<14}{n:>15,}")
     print(

@@ -18,6 +18,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +27,6 @@ from data.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # config paths in JSON files are relative to it
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "config" / "model_config.json"
-LAYER_TYPES = ("sliding_attention", "full_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -157,6 +157,22 @@ def _default_layer_types() -> list[str]:
     return (["sliding_attention"] * 5 + ["full_attention"]) * 3
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one `layer_types` entry means to the model: which earlier tokens a query sees and its RoPE base."""
+
+    window: int | None  # a query sees itself and the window - 1 tokens before it; None: every earlier token
+    rope_base: float
+
+
+# What each `layer_types` name means, read from the config's fields: the one place that interprets those names
+# (besides the Hugging Face translation below). A new attention kind is an entry here.
+LAYER_TYPES: dict[str, Callable[["ModelConfig"], LayerAttention]] = {
+    "sliding_attention": lambda config: LayerAttention(config.sliding_window, config.rope_local_base),
+    "full_attention": lambda config: LayerAttention(None, config.rope_base),
+}
+
+
 @dataclass
 class ModelConfig(CheckedConfig):
     """Hyperparameters of a Gemma 3 text model. Defaults are the 270M architecture with GPT-2's vocabulary."""
@@ -216,6 +232,12 @@ class ModelConfig(CheckedConfig):
                 )
         if self.dtype not in DTYPES:
             self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use one of {', '.join(DTYPES)}")
+
+    @property
+    def layer_attention(self) -> list[LayerAttention]:
+        """Each layer's attention, resolved from its `layer_types` entry (LAYER_TYPES): the model, the KV cache, the
+        FLOP count and the exports read this, never the names."""
+        return [LAYER_TYPES[kind](self) for kind in self.layer_types]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "ModelConfig":

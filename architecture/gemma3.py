@@ -5,8 +5,11 @@ Design choices:
   is Gemma's: computed in float32 and scaled by (1 + weight), so a zero weight is the identity.
 - Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads (`enable_gqa`:
   keys and values are not copied per head wherever a fused kernel takes them shared, see attention.py). Queries
-  and keys are RMS-normed per head, then rotated with RoPE whose base depends on the layer type (local for
+  and keys are RMS-normed per head, then rotated with RoPE whose base depends on the layer's kind (local for
   sliding, global for full layers).
+- Each layer's kind (`config.layer_attention`: its window, None for full attention, and its RoPE base) is resolved
+  once from `layer_types` and given to its block; the forward computes one RoPE table per base and one mask per
+  window, shared by the layers that use them.
 - Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than the sliding
   window takes SDPA's causal path in every layer; a longer one builds one sliding mask per forward, shared by all
   sliding layers (a cached FlexAttention `BlockMask` on data-center GPUs, window-sized blocks for SDPA
@@ -20,8 +23,9 @@ Design choices:
 - cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
   stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
 - Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
-- Generation (generate.py) runs the blocks against a `KVCache` (kv_cache.py) through `last_logits`; without a
-  cache the forward is the training forward. `model.generate(...)` is generate.py's `generate`.
+- Generation (generate.py) runs the blocks against a `KVCache` (kv_cache.py) through `last_logits`, handing each
+  attention layer the step's positions, masks and slots (a `CacheStep` value); without a cache the forward is the
+  training forward. `model.generate(...)` is generate.py's `generate`.
 """
 
 import math
@@ -32,9 +36,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Mask, attend, sliding_mask
-from .config import ModelConfig
+from .config import LayerAttention, ModelConfig
 from .generate import generate
-from .kv_cache import KVCache
+from .kv_cache import CacheStep, KVCache
 from .loss import IGNORE_INDEX, linear_cross_entropy
 
 __all__ = ["Gemma3Model"]
@@ -68,8 +72,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Multi-query / grouped-query attention of layer `index` (which finds its buffers in a KV cache)."""
+
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_groups, config.head_dim
         self.q_proj = nn.Linear(config.emb_dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.emb_dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -79,7 +86,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, step: CacheStep | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -87,7 +94,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
-            y = cache.attend(layer, q, k, v, self.scale)
+            y = cache.attend(self.index, q, k, v, step, self.scale)
         else:
             y = attend(q, k, v, mask, self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -107,18 +114,21 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_type: str):
+    """Layer `index`: attention over the tokens `kind` lets each query see, then the feed-forward, each pre- and
+    post-normed."""
+
+    def __init__(self, config: ModelConfig, index: int, kind: LayerAttention):
         super().__init__()
-        self.layer_type = layer_type
+        self.kind = kind  # window and RoPE base, resolved once by the config
         self.input_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, index)
         self.post_attn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
         self.pre_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
         self.mlp = FeedForward(config)
         self.post_ffn_norm = RMSNorm(config.emb_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache, layer))
+    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, step: CacheStep | None = None):
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache, step))
         return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
 
 
@@ -130,7 +140,7 @@ class Gemma3Model(nn.Module):
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         cfg = self.config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.blocks = nn.ModuleList(Block(cfg, layer_type) for layer_type in cfg.layer_types)
+        self.blocks = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(cfg.layer_attention))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -178,46 +188,39 @@ class Gemma3Model(nn.Module):
             )
         return logits, loss
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Output of the last block, before the final norm."""
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None) -> torch.Tensor:
+        """Output of the last block, before the final norm. With a cache and no `step`, `idx` continues the cached
+        sequence; a given `step` is the one `cache.step` returned for these tokens (generate.py's decode)."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {cfg.context_length}")
-        positions = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
-        return self._blocks(idx, positions, cache)
-
-    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Embed `idx` at `positions` and run every block; with a cache, its `begin` has prepared the step."""
-        cfg = self.config
-        T = idx.size(1)
+        if cache is not None and step is None:
+            step = cache.step(T)
+        positions = torch.arange(T, device=idx.device) if cache is None else step.positions
         x = self.tok_emb(idx)
         # transformers rounds the scale to the activation dtype (sqrt(640) becomes 25.25 in bfloat16); so do we.
         x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype)
-        rope = {
-            "sliding_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, x.dtype),
-            "full_attention": rope_cos_sin(positions, cfg.head_dim, cfg.rope_base, x.dtype),
-        }
-        # With a cache, the cache builds its own masks from absolute positions.
-        sliding = None
-        if cache is None:
-            sliding = sliding_mask(T, cfg.sliding_window, idx.device, self.attention_backend)
-        masks = {"sliding_attention": sliding, "full_attention": None}
+        kinds = set(cfg.layer_attention)
+        rope = {base: rope_cos_sin(positions, cfg.head_dim, base, x.dtype) for base in {k.rope_base for k in kinds}}
+        # Uncached, one mask per window, shared by its layers; full layers are causal (no mask). With a cache, the
+        # step holds the masks.
+        windows = {k.window for k in kinds if k.window is not None and cache is None}
+        masks = {window: sliding_mask(T, window, idx.device, self.attention_backend) for window in windows}
         recompute = self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
+            cos, sin = rope[block.kind.rope_base]
+            mask = masks.get(block.kind.window)
             if recompute:
-                x = checkpoint(block, x, *rope[block.layer_type], masks[block.layer_type], use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, *rope[block.layer_type], masks[block.layer_type], cache, i)
+                x = block(x, cos, sin, mask, cache, step)
         return x
 
-    def last_logits(
-        self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def last_logits(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None) -> torch.Tensor:
         """float32 logits (B, vocab) of the last position of `idx`: all that generation needs (generate.py).
-        Without `positions`, `idx` continues `cache` (or starts a sequence), as in `forward`; with them, they are
-        what the cache's `begin` returned for this step (a decode step, whose positions live in tensors)."""
-        hidden = self._hidden(idx, cache) if positions is None else self._blocks(idx, positions, cache)
+        Without `step`, `idx` continues `cache` (or starts a sequence), as in `forward`."""
+        hidden = self._hidden(idx, cache, step)
         return self.lm_head(self.final_norm(hidden[:, -1])).float()
 
     def generate(

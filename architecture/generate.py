@@ -7,9 +7,11 @@
 Design choices (gpt-fast's prefill / decode_one_token / generate):
 - The loop owns the cache: it is sized to the generation (prompt + new tokens, at most context_length) and filled
   by one `prefill`, then one `decode_one_token` per new token.
-- `decode_one_token` has static shapes: every shape is fixed and no Python number depends on the position (the
-  cache's `begin(1)` turns it into tensors), so `compile_decode` traces it once per cache size. The compiled step is
-  a value handed to the loop, never patched onto the model.
+- The loop owns each step's state too: `cache.step(T)` returns it as a value (positions, masks, write slots, as
+  gpt-fast's `input_pos`), which goes down the model to every attention layer.
+- `decode_one_token` has static shapes: every shape is fixed and no Python number depends on the position (its
+  `TokenStep` holds the position as tensors), so `compile_decode` traces it once per cache size. The compiled step
+  is a value handed to the loop, never patched onto the model.
 - Past context_length the cache cannot slide (RoPE positions are absolute), so each further step re-prefills the
   last context_length tokens: the same tokens the uncached path would see.
 - Logits are float32 whatever the weights' dtype; sampling is greedy at temperature 0, else top-k / top-p.
@@ -19,9 +21,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, TokenStep
 
-DecodeStep = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+DecodeStep = Callable[[torch.nn.Module, torch.Tensor, TokenStep, KVCache], torch.Tensor]
 
 
 def make_cache(model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -37,9 +39,9 @@ def prefill(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) ->
     return model.last_logits(idx, cache)
 
 
-def decode_one_token(model: torch.nn.Module, token: torch.Tensor, positions: torch.Tensor, cache: KVCache):
-    """float32 logits (B, vocab) after `token` (B, 1) at `positions` (from `cache.begin(1)`), cached."""
-    return model.last_logits(token, cache, positions)
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, step: TokenStep, cache: KVCache):
+    """float32 logits (B, vocab) after `token` (B, 1) at the position of `step` (from `cache.step(1)`), cached."""
+    return model.last_logits(token, cache, step)
 
 
 def compile_decode(model: torch.nn.Module) -> DecodeStep:
@@ -50,9 +52,9 @@ def compile_decode(model: torch.nn.Module) -> DecodeStep:
     # Read when a cache size is first compiled. concat_linear: q/k/v and gate/up become one matmul each.
     options = {"freezing": True, "cpp.enable_concat_linear": True}
 
-    def frozen_decode_one_token(model, token: torch.Tensor, positions: torch.Tensor, cache: KVCache):
+    def frozen_decode_one_token(model, token: torch.Tensor, step: TokenStep, cache: KVCache):
         with torch._inductor.config.patch(options):
-            return compiled(model, token, positions, cache)
+            return compiled(model, token, step, cache)
 
     return frozen_decode_one_token
 
@@ -78,7 +80,7 @@ def generate_stream(
     context = idx[:, -C:]  # what the next forward reads: the prompt, then each new token
     for _ in range(max_new_tokens):
         if cache is not None and context.size(1) == 1 and cache.pos < cache.max_len:
-            logits = decode(model, context, cache.begin(1), cache)
+            logits = decode(model, context, cache.step(1), cache)
         else:  # no cache; or the prompt; or past context_length, where the cache re-prefills the last C tokens
             logits = prefill(model, idx[:, -C:], cache)
         context = sample_next_token(logits, temperature, top_k, top_p, generator)

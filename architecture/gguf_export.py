@@ -47,8 +47,8 @@ class GGUFExportError(UserError, ValueError):
 def llama_cpp_problems(config) -> list[str]:
     """What in `config` llama.cpp's gemma3 graph would compute differently (empty when it computes the same)."""
     problems = []
-    expected_types = ["sliding_attention" if i % 6 < 5 else "full_attention" for i in range(config.n_layers)]
-    if config.layer_types != expected_types:
+    slides = [layer.window == config.sliding_window for layer in config.layer_attention]
+    if slides != [i % 6 < 5 for i in range(config.n_layers)]:
         problems.append("layer_types must be five sliding layers then one full layer, repeated (llama.cpp assumes it)")
     if config.rope_local_base != 10_000:
         problems.append(f"rope_local_base is {config.rope_local_base:g}; llama.cpp fixes sliding layers' at 10000")

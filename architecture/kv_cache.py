@@ -1,28 +1,31 @@
-"""Static key/value cache for generation: full-attention layers grow up to `max_len`, sliding layers use rings.
+"""Static key/value cache for generation: full-attention layers grow up to `max_len`, windowed layers use a ring.
 
 Design choices:
 - Buffers are preallocated once per generation (gpt-fast style), shaped (B, n_kv, slots, head_dim); nothing is
   allocated while decoding and the training forward never creates a cache, so training pays nothing.
-- Full-attention layers write token p at slot p and attend over slots [0, end): slicing to the filled length keeps
-  a short generation cheap even with a 32k-slot buffer.
-- Sliding-window layers keep a ring of min(sliding_window, max_len) slots; token p goes to slot p % ring, so their
-  memory is constant however long the sequence. `slot_pos` records the absolute position held in each slot (-1:
-  empty), and masks are built from positions, never from slot order. RoPE is applied before caching, at absolute
+- Each layer's buffer follows its attention (`ModelConfig.layer_attention`, resolved once): a full-attention layer
+  (window None) writes token p at slot p and attends over slots [0, end), so slicing to the filled length keeps a
+  short generation cheap even with a 32k-slot buffer; a windowed layer keeps a ring of min(largest window, max_len)
+  slots where token p goes to slot p % ring, so its memory is constant however long the sequence.
+- `slot_pos` records the absolute position held in each ring slot (-1: empty); masks are built from positions,
+  never from slot order, so one ring serves every window size. RoPE is applied before caching, at absolute
   positions, so keys stay valid wherever they sit in the ring.
-- All bookkeeping for one forward (positions, masks, ring slots) happens once in `begin`, shared by every layer,
-  as the uncached forward shares its sliding mask.
+- The cache holds the buffers; what one forward does with them is a value, `step(T)`'s `ChunkStep` or `TokenStep`
+  (positions, masks and slots, each computed once and shared by every layer, as gpt-fast's `input_pos`), which the
+  generation loop passes down the model to each attention layer. `step` advances the cache by T positions.
 - A chunk of several tokens (prefill) attends over [old ring entries, its own keys] with the sliding rule, then
   only its last `ring` keys are written, so the ring holds exactly the keys later tokens can still see. A chunk
   at position 0 has no old entries: it takes the uncached path's attention (causal, or window by window past
   the window), so a long prompt costs T x window there, not T^2.
-- A single token (decode) has static shapes: `begin` turns its position into tensors (write slots, masks over
-  the whole buffer), and every layer writes with `index_copy_` and attends over its whole buffer under its mask.
+- A single token (decode) has static shapes: its `TokenStep` holds the position, write slots and masks over the
+  whole buffer as tensors, every layer writes with `index_copy_` and attends over its whole buffer under its mask.
   No shape and no Python number inside the step depends on the position, so a compiled decode step
   (`generate.compile_decode`) is traced once per cache size and then replays at every position. The cost is
   attending over unfilled slots of full layers, and the cache is sized to the generation, so that is small.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +35,35 @@ from .config import ModelConfig
 
 
 def kv_cache_bytes(config: ModelConfig, tokens: int, dtype_bytes: int, rings: bool = True) -> int:
-    """Bytes of keys and values for `tokens` tokens; with `rings`, sliding layers hold at most `sliding_window`."""
+    """Bytes of keys and values for `tokens` tokens; with `rings`, a windowed layer holds at most its window."""
     per_entry = 2 * config.n_kv_groups * config.head_dim * dtype_bytes  # a key and a value
-    sliding_entries = min(tokens, config.sliding_window) if rings else tokens
-    return sum(per_entry * (sliding_entries if kind == "sliding_attention" else tokens) for kind in config.layer_types)
+    held = [
+        tokens if layer.window is None or not rings else min(tokens, layer.window) for layer in config.layer_attention
+    ]
+    return per_entry * sum(held)
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """One forward of several tokens at positions [start, end), with shapes that follow the chunk."""
+
+    positions: torch.Tensor  # (T,) absolute positions, for RoPE
+    start: int
+    end: int
+    masks: dict[int | None, Mask | torch.Tensor]  # by window (None: full layers); see KVCache.attend
+    ring_slots: torch.Tensor  # where the chunk's last `len(ring_slots)` keys go in the ring
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One forward of a single token, every field a tensor of fixed shape (a compiled step never recompiles)."""
+
+    positions: torch.Tensor  # (1,)
+    slots: dict[int | None, torch.Tensor]  # (1,) write slot, by window (None: full layers)
+    masks: dict[int | None, torch.Tensor]  # (1, slots) True where the token may attend, by window
+
+
+CacheStep = ChunkStep | TokenStep
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -72,12 +100,13 @@ class KVCache:
         max_len = config.context_length if max_len is None else max_len
         if not 0 < max_len <= config.context_length:
             raise ValueError(f"max_len must be in [1, context_length={config.context_length}], got {max_len}")
-        self.max_len, self.window = max_len, config.sliding_window
-        self.ring = min(config.sliding_window, max_len)
-        self.sliding = [kind == "sliding_attention" for kind in config.layer_types]
+        self.max_len = max_len
+        self.windows = [layer.window for layer in config.layer_attention]  # per layer; None: full attention
+        windowed = [window for window in self.windows if window is not None]
+        self.ring = min(max(windowed, default=max_len), max_len)
         self.keys, self.values = [], []
-        for sliding in self.sliding:
-            shape = (batch_size, config.n_kv_groups, self.ring if sliding else max_len, config.head_dim)
+        for window in self.windows:
+            shape = (batch_size, config.n_kv_groups, max_len if window is None else self.ring, config.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.slot_pos = torch.full((self.ring,), -1, device=device, dtype=torch.long)
@@ -93,71 +122,70 @@ class KVCache:
         """Bytes held by the cache (keys, values and slot positions)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.slot_pos))
 
-    def begin(self, T: int) -> torch.Tensor:
-        """Reserve positions for the next `T` tokens; return them (absolute, for RoPE) and prepare the masks."""
+    def step(self, T: int) -> CacheStep:
+        """Reserve positions for the next `T` tokens and record them in the ring; return what the forward of those
+        tokens needs: a `TokenStep` for one token (decode), a `ChunkStep` for several (prefill)."""
         start, end = self.pos, self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {T} after {start}")
-        device = self.slot_pos.device
-        positions = torch.arange(start, end, device=device)
-        self.start, self.end = start, end
+        positions = torch.arange(start, end, device=self.slot_pos.device)
         self.pos = end
         if T == 1:
-            self._begin_decode(positions)
-            return positions
-
-        # Full layers: a chunk from position 0 is plain causal; a later chunk needs an explicit mask because SDPA's
-        # is_causal aligns to the top-left corner.
-        self.first_chunk = start == 0
-        self.full_mask = None if self.first_chunk else self.full_slots[None, :end] <= positions[:, None]
-
-        # Sliding layers: key positions in attention order, then the ring update.
-        n_written = min(T, self.ring)
-        written = positions[T - n_written :]
-        key_pos = torch.cat((self.slot_pos, positions))
+            return self._token_step(positions)
+        ring_keys = torch.cat((self.slot_pos, positions))  # positions of the keys a later chunk attends over
+        written = positions[-self.ring :]
         self.slot_pos[written % self.ring] = written
-        self.write_slots, self.n_written = written % self.ring, n_written
-        if self.first_chunk:
-            self.first_chunk_mask: Mask = sliding_mask(T, self.window, device, backend="sdpa")
-        else:
-            q = positions[:, None]
-            self.sliding_mask = (key_pos >= 0) & (key_pos <= q) & (key_pos > q - self.window)
-        return positions
+        masks = {}
+        for window in set(self.windows):
+            if window is None:  # from position 0, plain causal; later, explicit (SDPA's is_causal is top-left)
+                masks[None] = None if start == 0 else self.full_slots[None, :end] <= positions[:, None]
+            elif start == 0:
+                masks[window] = sliding_mask(T, window, positions.device, backend="sdpa")
+            else:
+                query = positions[:, None]
+                masks[window] = (ring_keys >= 0) & (ring_keys <= query) & (ring_keys > query - window)
+        return ChunkStep(positions, start, end, masks, written % self.ring)
 
-    def _begin_decode(self, position: torch.Tensor) -> None:
+    def _token_step(self, position: torch.Tensor) -> TokenStep:
         """Slots and masks of one decoded token at `position` (1,), as tensors of fixed shapes."""
-        self.ring_slot = position % self.ring
-        self.slot_pos.index_copy_(0, self.ring_slot, position)
-        self.decode_position = position
-        self.ring_mask = ((self.slot_pos >= 0) & (self.slot_pos > position - self.window))[None, :]  # (1, ring)
-        self.full_decode_mask = (self.full_slots <= position)[None, :]  # (1, max_len)
+        ring_slot = position % self.ring
+        self.slot_pos.index_copy_(0, ring_slot, position)
+        slots, masks = {}, {}
+        for window in set(self.windows):
+            if window is None:
+                slots[None], masks[None] = position, (self.full_slots <= position)[None, :]
+            else:
+                slots[window] = ring_slot
+                masks[window] = ((self.slot_pos >= 0) & (self.slot_pos > position - window))[None, :]
+        return TokenStep(position, slots, masks)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Store this forward's `k`, `v` (B, n_kv, T, hd) for `layer` and attend queries `q` over the cache."""
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: CacheStep, scale: float
+    ) -> torch.Tensor:
+        """Store `layer`'s keys and values of this step, `k`, `v` (B, n_kv, T, hd), and attend `q` over the cache."""
         k_cache, v_cache = self.keys[layer], self.values[layer]
-        if k.size(2) == 1:
-            slots, mask = (self.ring_slot, self.ring_mask) if self.sliding[layer] else (
-                self.decode_position, self.full_decode_mask)  # fmt: skip
-            k_cache.index_copy_(2, slots, k)
-            v_cache.index_copy_(2, slots, v)
+        window = self.windows[layer]
+        mask = step.masks[window]
+        if isinstance(step, TokenStep):
+            k_cache.index_copy_(2, step.slots[window], k)
+            v_cache.index_copy_(2, step.slots[window], v)
             return decode_attention(q, k_cache, v_cache, mask, scale)
-        if not self.sliding[layer]:
-            k_cache[:, :, self.start : self.end] = k
-            v_cache[:, :, self.start : self.end] = v
-            keys, values, gqa = kv_heads_for_sdpa(
-                q, k_cache[:, :, : self.end], v_cache[:, :, : self.end], masked=self.full_mask is not None
-            )
+        if window is None:
+            k_cache[:, :, step.start : step.end] = k
+            v_cache[:, :, step.start : step.end] = v
+            keys, values = k_cache[:, :, : step.end], v_cache[:, :, : step.end]
+            keys, values, gqa = kv_heads_for_sdpa(q, keys, values, masked=mask is not None)
             return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=self.full_mask, is_causal=self.first_chunk, scale=scale, enable_gqa=gqa
+                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
             )
         # Old ring entries first (the cat copies them), so the write below cannot clobber keys still needed.
-        if not self.first_chunk:
+        first_chunk = step.start == 0
+        if not first_chunk:
             keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)
-        k_cache[:, :, self.write_slots] = k[:, :, -self.n_written :]
-        v_cache[:, :, self.write_slots] = v[:, :, -self.n_written :]
-        if self.first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
-            return attend(q, k, v, self.first_chunk_mask, scale)
+        n_written = len(step.ring_slots)
+        k_cache[:, :, step.ring_slots] = k[:, :, -n_written:]
+        v_cache[:, :, step.ring_slots] = v[:, :, -n_written:]
+        if first_chunk:  # nothing was cached before: the uncached forward's attention over its own keys
+            return attend(q, k, v, mask, scale)
         keys, values, gqa = kv_heads_for_sdpa(q, keys, values, masked=True)
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=self.sliding_mask, scale=scale, enable_gqa=gqa
-        )  # fmt: skip
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -34,9 +34,18 @@ from architecture.kv_cache import kv_cache_bytes
 from training.device import DeviceError, native_bf16, select_device, synchronize
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
-SMALL = dict(emb_dim=256, hidden_dim=1024, n_layers=6, n_heads=4, n_kv_groups=1, head_dim=64,
-             query_pre_attn_scalar=64, sliding_window=128, context_length=2048,
-             layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
+SMALL = dict(
+    emb_dim=256,
+    hidden_dim=1024,
+    n_layers=6,
+    n_heads=4,
+    n_kv_groups=1,
+    head_dim=64,
+    query_pre_attn_scalar=64,
+    sliding_window=128,
+    context_length=2048,
+    layer_types=ModelConfig().layer_types[:6],
+)
 
 
 def time_prefill(model: Gemma3Model, prompt: torch.Tensor) -> float:
@@ -120,7 +129,7 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
 
 
 def cache_memory_report(config: ModelConfig) -> None:
-    n_full = config.layer_types.count("full_attention")
+    n_full = sum(layer.window is None for layer in config.layer_attention)
     n_sliding = config.n_layers - n_full
     print(f"KV cache, default 270M config in bfloat16 ({n_full} full + {n_sliding} sliding layers, batch 1):")
     for tokens in (1024, 8192, 32768):

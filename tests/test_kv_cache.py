@@ -5,6 +5,7 @@ import torch
 from hf_reference import tiny_config
 
 from architecture import Gemma3Model, KVCache
+from architecture.config import LAYER_TYPES, LayerAttention
 from architecture.generate import compile_decode, generate, make_cache
 
 
@@ -88,3 +89,21 @@ def test_compiled_decode_step_equals_eager_and_compiles_once_per_cache_size():
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert torch.equal(generate(model, prompt, 40, temperature=0, decode=decode), expected)
         assert torch.equal(generate(model, prompt, 40, temperature=0, decode=decode), expected)  # no recompile
+
+
+def test_a_new_window_kind_is_one_config_entry(monkeypatch):
+    """A kind with its own window, added as one LAYER_TYPES entry: the model attends with it (its logits differ
+    from the 16-token window's) and cached generation, one ring serving both windows, equals recomputation."""
+    monkeypatch.setitem(LAYER_TYPES, "short_sliding", lambda config: LayerAttention(5, config.rope_local_base))
+    model = tiny_model(layer_types=["sliding_attention", "short_sliding", "full_attention", "short_sliding"])
+    assert [layer.window for layer in model.config.layer_attention] == [16, 5, None, 5]
+    same_weights_wider = tiny_model()
+    same_weights_wider.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        short, wide = model(idx)[0], same_weights_wider(idx)[0]
+    torch.testing.assert_close(short[:, :5], wide[:, :5])  # within 5 tokens the windows agree
+    assert not torch.allclose(short[:, 5:], wide[:, 5:])
+    prompt = idx[:, :7]
+    cached = model.generate(prompt, 40, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 40, temperature=0, use_cache=False))

@@ -48,8 +48,8 @@ def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
         n_params += model.lm_head.weight.numel()  # the tied head is still a full matmul
     n_params -= model.tok_emb.weight.numel()  # the lookup is free
     attention = 0
-    for kind in config.layer_types:
-        span = block_size if kind == "full_attention" else min(block_size, config.sliding_window)
+    for layer in config.layer_attention:
+        span = block_size if layer.window is None else min(block_size, layer.window)
         attention += config.n_heads * config.head_dim * span
     return 6 * n_params + 12 * attention
 
