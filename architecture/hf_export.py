@@ -25,6 +25,8 @@ from .hf_weights import hf_names
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.float32, **config_extra) -> None:
     """Write `config.json` and `model.safetensors` for `model`; `config_extra` adds keys such as eos_token_id."""
+    # The config first: a model transformers cannot express is refused before anything is written.
+    config = {**model.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch."), **config_extra}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
@@ -33,7 +35,6 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = 
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the other files follow the umask
-    config = {**model.config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch."), **config_extra}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -105,3 +105,4 @@ def test_export_script_error_while_writing_is_one_line(tmp_path, qk_norm, out, f
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert fragment in result.stderr, result.stderr
+    assert not (tmp_path / "hf").exists()  # refused before anything was written
