@@ -6,9 +6,10 @@
     python benchmarks/bench_train.py --implementations ours   # one model per process: max RSS is its own
 
 Both models get the same config (transformers' through `ModelConfig.to_hf_dict`, sdpa attention), the same
-random token batch and AdamW with the same settings (fused, as in the trainer). Each runs in every precision of
-`--dtypes`: float32, and bf16 autocast with float32 weights (the trainer's `dtype: bfloat16`; on the CPU only
-where it has native bf16, as the trainer decides). Each side is then judged by its fastest precision. Ours runs
+random token batch and the trainer's optimizer (`--optimizer`, built by training/optimizer.py's `build_optimizer`
+with the default training config's settings: AdamW, fused, weight decay on the matrices only). Each runs in every
+precision of `--dtypes`: float32, and bf16 autocast with float32 weights (the trainer's `dtype: bfloat16`; on the
+CPU only where it has native bf16, as the trainer decides). Each side is then judged by its fastest precision. Ours runs
 the way the trainer runs it: `return_logits=False` (chunked linear cross-entropy) and, past the window, the
 attention backend "auto" picks (attention.py). A step is forward + backward + optimizer step. The
 implementations and precisions alternate for `--rounds` rounds (each round builds a fresh model, warms up, then
@@ -33,18 +34,19 @@ from pathlib import Path
 import torch
 
 from architecture import REPO_ROOT, Gemma3Model, ModelConfig
+from training.config import TrainingConfig
 from training.device import (
     DeviceError,
     allow_tf32,
     autocast_dtype,
     cpu_bf16_flags,
     cpu_model,
-    fused_adamw_available,
     keep_freed_memory_for_reuse,
     select_device,
     synchronize,
 )
 from training.metrics import flops_per_token, peak_flops
+from training.optimizer import OPTIMIZERS, build_optimizer
 
 
 def build(implementation: str, config: ModelConfig, device: torch.device) -> torch.nn.Module:
@@ -65,7 +67,7 @@ def time_training(implementation: str, config: ModelConfig, args, device: torch.
             model.activation_checkpointing = True
         else:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_available(device.type))
+    optimizer = build_optimizer(model, TrainingConfig(optimizer=args.optimizer), device.type)  # as the trainer does
     step_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
     generator = torch.Generator().manual_seed(0)
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the implementations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="training/optimizer.py's")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks (both models)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda[:N], mps, cpu")

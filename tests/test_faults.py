@@ -156,6 +156,24 @@ def test_resume_mismatches_are_refused(tmp_path, args, fragments):
     assert snapshot(tmp_path / "run") == before
 
 
+def test_resume_with_another_optimizer_is_refused(tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=3)
+    run_train(config)
+    latest = tmp_path / "run" / "latest.pt"
+    state = load_checkpoint(latest)
+    assert state["training_config"]["optimizer"] == "adamw"  # recorded with the run
+    state["training_config"]["optimizer"] = "lion"  # as a run of a version that has it would record
+    save_checkpoint(state, latest)
+    before = snapshot(tmp_path / "run")
+    refused(
+        config,
+        "--init_from=resume",
+        "--max_iters=6",
+        fragments=("was trained with optimizer lion, this run names adamw", "--optimizer=lion"),
+    )
+    assert snapshot(tmp_path / "run") == before
+
+
 def test_resume_after_the_model_config_file_changed_and_an_allowed_batch_change(tmp_path):
     config = run_config(tmp_path, eval_interval=3, max_iters=3)
     run_train(config)

@@ -20,6 +20,7 @@ from architecture.attention import BACKENDS
 from architecture.config import REPO_ROOT, CheckedConfig, ConfigError, Origin, load_dataclass, read_json
 
 from .device import is_device_name
+from .optimizer import OPTIMIZERS
 
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
@@ -39,6 +40,7 @@ class TrainingConfig(CheckedConfig):
     learning_rate: float = 1e-4  # peak, reached at the end of warmup
     min_lr: float = 1e-5  # floor of the cosine decay, held after max_iters
     warmup_steps: int = 100  # iterations of linear warmup from 0
+    optimizer: str = "adamw"  # a name in training/optimizer.py's OPTIMIZERS
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -99,6 +101,8 @@ class TrainingConfig(CheckedConfig):
                 "attention_backend",
                 message=f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}",
             )
+        if self.optimizer not in OPTIMIZERS:
+            self._fail("optimizer", message=f"'optimizer' is '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
         if not self.dataset or "/" in self.dataset:
             self._fail("dataset", message=f"'dataset' must be a name under data/, got '{self.dataset}'")
 

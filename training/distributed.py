@@ -35,15 +35,20 @@ class DistributedError(UserError, RuntimeError):
     """A rank waited too long for another; the message says what to do."""
 
 
-def setup_distributed(device_type: str) -> Distributed:
-    """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, if any."""
+def world_from_environment() -> Distributed:
+    """This process's place in the job torchrun describes in RANK / LOCAL_RANK / WORLD_SIZE (one process without)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed()
-    info = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return info
+    return Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def join_process_group(world: Distributed, device: torch.device) -> None:
+    """Join the job's process group from `device`, this rank's (`rank_device`): NCCL on CUDA, gloo elsewhere."""
+    if not world.enabled:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def teardown_distributed(info: Distributed) -> None:

@@ -63,8 +63,15 @@ from .checkpoint import (
 )
 from .config import TrainingConfig
 from .device import DeviceError, allow_tf32, autocast_dtype, keep_freed_memory_for_reuse, select_device
-from .distributed import Distributed, once_per_node, rank_device, setup_distributed, teardown_distributed
-from .optimizer import configure_optimizer
+from .distributed import (
+    Distributed,
+    join_process_group,
+    once_per_node,
+    rank_device,
+    teardown_distributed,
+    world_from_environment,
+)
+from .optimizer import build_optimizer
 from .run_dir import RunDirLock, claim
 from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
@@ -89,9 +96,23 @@ def resolve_device(config: TrainingConfig) -> torch.device:
         raise ConfigError(f"{config.origin.source}: {e}{hint}") from None
 
 
-def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, dict | None]:
-    """The model to train, the tokenizer it speaks (None from scratch: the dataset's) and, when resuming, the
-    checkpoint it came from."""
+@dataclass(frozen=True)
+class ModelStart:
+    """Where the run's model comes from, decided once from `init_from`."""
+
+    kind: str  # "scratch" (a model config file), "resume" (out_dir/latest.pt) or "pretrained" (Hugging Face)
+    model: Gemma3Model
+    tokenizer: Tokenizer  # what the model speaks; from scratch GPT-2's, unless the dataset was prepared in another
+    origin: str  # recorded in every checkpoint: the model config file, Hugging Face directory or hub id
+    checkpoint: dict = field(default_factory=dict)  # resume: the training state to continue
+
+    @property
+    def resumes(self) -> bool:
+        return self.kind == "resume"
+
+
+def model_start(config: TrainingConfig) -> ModelStart:
+    """The model to train and where it came from: a fresh one, out_dir/latest.pt, or a Hugging Face model."""
     if config.init_from == "resume":
         path = Path(config.out_dir) / "latest.pt"
         checkpoint = load_checkpoint(path)
@@ -101,14 +122,17 @@ def build_model(config: TrainingConfig) -> tuple[Gemma3Model, Tokenizer | None, 
                                   "it can be sampled or exported, not resumed")  # fmt: skip
         model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer"))
         check_tokenizer_fits(model, tokenizer, path)
-        return model, tokenizer, checkpoint
+        origin = checkpoint.get("model_origin", "")
+        origin = config.model_config if origin == "scratch" else origin  # as checkpoints of early versions say
+        return ModelStart("resume", model, tokenizer, origin, checkpoint)
     if config.init_from == "scratch":
-        return Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config)), None, None
+        model = Gemma3Model(ModelConfig.from_json(REPO_ROOT / config.model_config))
+        return ModelStart("scratch", model, gpt2(), config.model_config)
     directory = Path(config.init_from)
     if not directory.exists() and config.init_from.count("/") == 1:  # a hub id such as google/gemma-3-270m
         directory = hub_snapshot(config.init_from)
     if (directory / "config.json").is_file():
-        return *load_model(directory), None
+        return ModelStart("pretrained", *load_model(directory), config.init_from)
     raise ConfigError(
         f"{config.origin.source}: 'init_from' is '{config.init_from}'; use scratch, resume, a Hugging Face model "
         "directory (config.json, *.safetensors, tokenizer.json) or a hub id such as google/gemma-3-270m"
@@ -208,8 +232,9 @@ class Run:
 
 def train(config: TrainingConfig) -> dict:
     """Run the training job described by `config`; returns the last evaluation's losses."""
-    device = resolve_device(config)
-    world = setup_distributed(device.type)
+    world = world_from_environment()
+    device = rank_device(resolve_device(config), world)  # this process's device, chosen here once
+    join_process_group(world, device)
     try:
         return _train(config, device, world)
     finally:
@@ -246,57 +271,66 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
 
 def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) -> Run:
     """The model, its tokenizer and data, the optimizer and the precision; restored from latest.pt on resume."""
-    device = rank_device(device, world)
     if config.gradient_accumulation_steps % world.world_size:
         raise ConfigError(
             f"{config.origin.source}: 'gradient_accumulation_steps' ({config.gradient_accumulation_steps}) must be "
             f"divisible by the number of processes ({world.world_size}) so the global batch stays the same"
         )
     torch.manual_seed(config.seed)
-    model, tokenizer, checkpoint = build_model(config)
-    if checkpoint is not None:
-        check_resume(config, model, checkpoint)
-    if config.block_size > model.config.context_length:
+    start = model_start(config)
+    if start.resumes:
+        check_resume(config, start.model, start.checkpoint)
+    if config.block_size > start.model.config.context_length:
         raise ConfigError(
             f"{config.origin.source}: 'block_size' ({config.block_size}) exceeds the model's "
-            f"context_length ({model.config.context_length})"
+            f"context_length ({start.model.config.context_length})"
         )
-    once_per_node(world, lambda: ensure_prepared(config.dataset, tokenizer or gpt2()),
-                  what=f"prepare dataset {config.dataset}",
-                  fix=f"prepare it before torchrun: python data/prepare.py {config.dataset}")  # fmt: skip
-    # A model trained from scratch speaks its dataset's tokenizer; any other must be the dataset's (the loader checks).
-    if tokenizer is None:
-        tokenizer = dataset_tokenizer(DATA_ROOT / config.dataset)
-        check_tokenizer_fits(model, tokenizer, config.model_config)
+    tokenizer = prepare_data(config, world, start)
     loader_args = dict(data_dir=DATA_ROOT / config.dataset, batch_size=config.batch_size,
                        block_size=config.block_size, device=device, tokenizer=tokenizer)  # fmt: skip
     train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
                                **loader_args)  # fmt: skip
     BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
 
-    # Precision: float32 master weights; bf16 autocast where the hardware has bf16 (training/device.py).
+    model = start.model
+    autocast, precision_note = place_model(model, config, device)
+    run = Run(config, model, tokenizer, build_optimizer(model, config, device.type), train_loader, start.origin,
+              world=world, device=device, autocast=autocast, precision_note=precision_note, loader_args=loader_args,
+              local_accum=config.gradient_accumulation_steps // world.world_size)  # fmt: skip
+    if start.resumes:
+        run.load_state_dict(start.checkpoint)
+    if world.is_master:  # one run per out_dir, from here to the end of the process
+        run.lock = claim(run.out_dir, resume=start.resumes, overwrite=config.overwrite)
+        if start.resumes:
+            make_best_consistent(run)
+    run.step_model, run.eval_model = training_models(model, config.compile, world, device)
+    return run
+
+
+def prepare_data(config: TrainingConfig, world: Distributed, start: ModelStart) -> Tokenizer:
+    """Prepare the dataset once per node, in the model's tokenizer; return the tokenizer the run speaks. A model
+    trained from scratch speaks its dataset's; any other must be the dataset's (the loader checks)."""
+    once_per_node(world, lambda: ensure_prepared(config.dataset, start.tokenizer),
+                  what=f"prepare dataset {config.dataset}",
+                  fix=f"prepare it before torchrun: python data/prepare.py {config.dataset}")  # fmt: skip
+    if start.kind != "scratch":
+        return start.tokenizer
+    tokenizer = dataset_tokenizer(DATA_ROOT / config.dataset)
+    check_tokenizer_fits(start.model, tokenizer, config.model_config)
+    return tokenizer
+
+
+def place_model(model: Gemma3Model, config: TrainingConfig, device: torch.device) -> tuple[Any, str | None]:
+    """Move `model` to `device` with the run's attention settings; return its autocast context and, when bf16 was
+    asked for and float32 runs, why. Float32 master weights; bf16 autocast where the hardware has bf16."""
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
     model.attention_backend = config.attention_backend
     dtype, precision_note = autocast_dtype(device, config.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     allow_tf32(device)
-
-    origin = checkpoint.get("model_origin", "") if checkpoint else config.init_from
-    origin = config.model_config if origin == "scratch" else origin
-    run = Run(config, model, tokenizer, configure_optimizer(model, config, device.type), train_loader, origin,
-              world=world, device=device, autocast=autocast, precision_note=precision_note, loader_args=loader_args,
-              local_accum=config.gradient_accumulation_steps // world.world_size)  # fmt: skip
-    if checkpoint is not None:
-        run.load_state_dict(checkpoint)
-    if world.is_master:  # one run per out_dir, from here to the end of the process
-        run.lock = claim(run.out_dir, resume=checkpoint is not None, overwrite=config.overwrite)
-        if checkpoint is not None:
-            make_best_consistent(run)
-    run.step_model, run.eval_model = training_models(model, config.compile, world, device)
-    return run
+    return (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()), precision_note
 
 
 def training_models(model: Gemma3Model, compile: bool, world: Distributed,
@@ -403,6 +437,12 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
     if config.dataset != previous["dataset"]:
         raise ConfigError(f"{where} trained on dataset '{previous['dataset']}', this run names '{config.dataset}'; "
                           f"resume with --dataset={previous['dataset']}, or start a new run")  # fmt: skip
+    optimizer = previous.get("optimizer", "adamw")  # checkpoints from before the setting existed used AdamW
+    if config.optimizer != optimizer:
+        raise ConfigError(
+            f"{where} was trained with optimizer {optimizer}, this run names {config.optimizer}; its state would "
+            f"not carry over: resume with --optimizer={optimizer}, or start a new run"
+        )
     origin = checkpoint.get("model_origin", "")
     if origin.endswith(".json"):  # a model config file: it must still describe the checkpoint's model
         if config.model_config != origin:
