@@ -37,8 +37,10 @@ def main() -> None:
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        print(f"error: out of memory ({first_line(e)}); lower batch_size or block_size. Checkpoints on disk are kept",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: out of memory ({first_line(e)}); lower batch_size or block_size. Checkpoints on disk are kept",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

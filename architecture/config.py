@@ -198,9 +198,20 @@ class ModelConfig(CheckedConfig):
     def validate(self) -> None:
         """Check the architectural rules; the first broken one raises `ConfigError` naming its field."""
         self._require_positive(
-            "vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "head_dim", "n_kv_groups",
-            "query_pre_attn_scalar", "rope_local_base", "rope_base", "sliding_window", "rms_norm_eps",
-        )  # fmt: skip
+            "vocab_size",
+            "context_length",
+            "emb_dim",
+            "n_heads",
+            "n_layers",
+            "hidden_dim",
+            "head_dim",
+            "n_kv_groups",
+            "query_pre_attn_scalar",
+            "rope_local_base",
+            "rope_base",
+            "sliding_window",
+            "rms_norm_eps",
+        )
         if self.head_dim % 2:
             self._fail("head_dim", message=f"'head_dim' must be even for rotary embeddings, got {self.head_dim}")
         if self.n_heads % self.n_kv_groups:

@@ -31,10 +31,23 @@ from data.errors import UserError
 from .hf_export import gpt2_vocab_and_merges
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-NORMS = {"input_norm": "attn_norm", "post_attn_norm": "post_attention_norm", "pre_ffn_norm": "ffn_norm",
-         "post_ffn_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}  # fmt: skip
-MATRICES = {"attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+NORMS = {
+    "input_norm": "attn_norm",
+    "post_attn_norm": "post_attention_norm",
+    "pre_ffn_norm": "ffn_norm",
+    "post_ffn_norm": "post_ffw_norm",
+    "attn.q_norm": "attn_q_norm",
+    "attn.k_norm": "attn_k_norm",
+}
+MATRICES = {
+    "attn.q_proj": "attn_q",
+    "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v",
+    "attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 LLAMA_CPP_CONVERTER = (
     "export it with scripts/export_hf.py and convert that directory with llama.cpp's own convert_hf_to_gguf.py"
 )
@@ -54,8 +67,9 @@ def llama_cpp_problems(config) -> list[str]:
         problems.append(f"rope_local_base is {config.rope_local_base:g}; llama.cpp fixes sliding layers' at 10000")
     scale_dim = config.emb_dim / config.n_heads if config.n_layers == 62 else config.head_dim
     if config.query_pre_attn_scalar != scale_dim:
-        problems.append(f"query_pre_attn_scalar is {config.query_pre_attn_scalar:g}; llama.cpp scales queries by "
-                        f"{scale_dim:g}^-0.5")  # fmt: skip
+        problems.append(
+            f"query_pre_attn_scalar is {config.query_pre_attn_scalar:g}; llama.cpp scales queries by {scale_dim:g}^-0.5"
+        )
     return problems
 
 
@@ -112,8 +126,12 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, "gemma3")
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     writer.add_name(name or path.stem)
     writer.add_file_type(file_types[dtype])
     writer.add_context_length(config.context_length)

@@ -53,8 +53,14 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 def hub_snapshot(repo_id: str) -> Path:

@@ -87,20 +87,27 @@ def main() -> None:
     config = ModelConfig.from_json(config_path)
     max_T = args.max_T or (32768 if cuda else 4096)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    header = (f"{name}, torch {torch.__version__}, {date.today()}, {config_path.name} (heads {config.n_heads}, "
-              f"kv heads {config.n_kv_groups}, head_dim {config.head_dim}, window {config.sliding_window}), "
-              f"batch {args.batch_size}, {'bfloat16' if cuda else 'float32'}, forward + backward, "
-              f"sliding backend {resolve_backend(args.backend, device)}")  # fmt: skip
+    header = (
+        f"{name}, torch {torch.__version__}, {date.today()}, {config_path.name} (heads {config.n_heads}, "
+        f"kv heads {config.n_kv_groups}, head_dim {config.head_dim}, window {config.sliding_window}), "
+        f"batch {args.batch_size}, {'bfloat16' if cuda else 'float32'}, forward + backward, "
+        f"sliding backend {resolve_backend(args.backend, device)}"
+    )
     print(header)
-    lines = ["| layer | T | ours ms | dense ms | speed-up | ours MiB | dense MiB | memory ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| layer | T | ours ms | dense ms | speed-up | ours MiB | dense MiB | memory ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     T = args.min_T
     while T <= max_T:
         for layer in ("sliding", "full"):
             ours = measure("ours", layer, T, config, args, device)
             dense = measure("dense", layer, T, config, args, device)
-            mem = (f"{ours['mib']:.0f} | {dense['mib']:.0f} | {dense['mib'] / ours['mib']:.1f}x" if cuda
-                   else "n/a | n/a | n/a")  # fmt: skip
+            mem = (
+                f"{ours['mib']:.0f} | {dense['mib']:.0f} | {dense['mib'] / ours['mib']:.1f}x"
+                if cuda
+                else "n/a | n/a | n/a"
+            )
             line = f"| {layer} | {T} | {ours['ms']:.2f} | {dense['ms']:.2f} | {dense['ms'] / ours['ms']:.2f}x | {mem} |"
             print(line)
             lines.append(line)

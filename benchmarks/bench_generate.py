@@ -103,8 +103,11 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB)")
     int8_activations = torch.bfloat16 if native_bf16(device) else torch.float32
     int8_name = f"int8 ({str(int8_activations).removeprefix('torch.')} activations)"
-    formats = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
-               int8_name: (int8_activations, True)}  # fmt: skip
+    formats = {
+        "float32": (torch.float32, False),
+        "bfloat16": (torch.bfloat16, False),
+        int8_name: (int8_activations, True),
+    }
     rates = {}
     for name, (dtype, int8) in formats.items():
         torch.manual_seed(0)
@@ -119,12 +122,16 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
             decode = compile_decode(model) if compiled else decode_one_token
             decode_rate(model, prompt, new_tokens, True, decode)  # warm-up (and compilation) at this cache size
             rates[name, compiled] = rate = decode_rate(model, prompt, new_tokens, True, decode)
-            print(f"  {name:<28} {'compiled' if compiled else 'eager':>8} {rate:8.1f} tok/s  {nbytes / 1e6:7.1f} "
-                  f"MB of weights a token  limit {limit:8.1f} tok/s  reached {rate / limit:6.1%}")  # fmt: skip
+            print(
+                f"  {name:<28} {'compiled' if compiled else 'eager':>8} {rate:8.1f} tok/s  {nbytes / 1e6:7.1f} "
+                f"MB of weights a token  limit {limit:8.1f} tok/s  reached {rate / limit:6.1%}"
+            )
     for compiled in (False, True):
         label = "compiled" if compiled else "eager"
-        print(f"  {label}: bfloat16 / float32 {rates['bfloat16', compiled] / rates['float32', compiled]:.2f}, "
-              f"int8 / float32 {rates[int8_name, compiled] / rates['float32', compiled]:.2f}")  # fmt: skip
+        print(
+            f"  {label}: bfloat16 / float32 {rates['bfloat16', compiled] / rates['float32', compiled]:.2f}, "
+            f"int8 / float32 {rates[int8_name, compiled] / rates['float32', compiled]:.2f}"
+        )
     print(f"int8_speedup_vs_float32={rates[int8_name, True] / rates['float32', True]:.2f}")
 
 
@@ -206,8 +213,10 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
                 total += model(x, y)[1].item()
         losses[label] = total / args.eval_batches
         change = math.exp(losses[label] - losses["float32"]) - 1
-        print(f"  {label}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f} "
-              f"({100 * change:+.2f}% against float32)")  # fmt: skip
+        print(
+            f"  {label}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f} "
+            f"({100 * change:+.2f}% against float32)"
+        )
     print(f"  int8 perplexity change: {100 * change:+.2f}%  ({args.eval_batches} batches of {args.batch_size}x{block})")
 
 

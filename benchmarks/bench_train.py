@@ -59,8 +59,9 @@ def build(implementation: str, config: ModelConfig, device: torch.device) -> tor
     return Gemma3ForCausalLM(Gemma3TextConfig(**hf_config, attn_implementation="sdpa")).to(device)
 
 
-def time_training(implementation: str, config: ModelConfig, args, device: torch.device, block_size: int,
-                  batch_size: int, dtype: str) -> dict:  # fmt: skip
+def time_training(
+    implementation: str, config: ModelConfig, args, device: torch.device, block_size: int, batch_size: int, dtype: str
+) -> dict:
     model = build(implementation, config, device)
     if args.activation_checkpointing:
         if implementation == "ours":
@@ -142,8 +143,9 @@ def main() -> None:
     parser.add_argument("--model-config", help="model JSON (default: demo model on CPU, the 270M model on CUDA)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: 8 on CPU, CUDA_BATCH)")
     parser.add_argument("--block-size", type=int, nargs="+", help="default: 256 on CPU, 128 1024 8192 on CUDA")
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
-                        help="default: both where bf16 is native, else float32")  # fmt: skip
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=["float32", "bfloat16"], help="default: both where bf16 is native, else float32"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the implementations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
@@ -152,8 +154,9 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks (both models)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda[:N], mps, cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--implementations", nargs="+", default=["ours", "transformers"],
-                        choices=["ours", "transformers"])  # fmt: skip
+    parser.add_argument(
+        "--implementations", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"]
+    )
     parser.add_argument("--out", type=Path, help="append a markdown row per implementation and dtype to this file")
     args = parser.parse_args()
     if args.threads:
@@ -177,8 +180,10 @@ def main() -> None:
         name = f"{cpu_model()} ({cpu_bf16_flags()}), {torch.get_num_threads()} threads"
         peaks = {dtype: matmul_peak(device, dtype) for dtype in dtypes}
     block_sizes = args.block_size or ([128, 1024, 8192] if device.type == "cuda" else [256])
-    print(f"{name}, torch {torch.__version__}, {config_path.name}, compile {args.compile}, "
-          f"activation checkpointing {args.activation_checkpointing}")  # fmt: skip
+    print(
+        f"{name}, torch {torch.__version__}, {config_path.name}, compile {args.compile}, "
+        f"activation checkpointing {args.activation_checkpointing}"
+    )
     for dtype, peak in peaks.items():
         source = "measured: 2048 x 2048 matmuls" if device.type == "cpu" else "spec sheet"
         print(f"peak matmul {dtype}: {peak / 1e9:,.0f} GFLOP/s ({source})" if peak else f"peak {dtype}: unknown")
@@ -198,17 +203,23 @@ def main() -> None:
                 best[impl] = (r["tokens_per_sec"], dtype)
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a"
-            print(f"{batch_size:>3} x {block_size:<5} {impl:>12} {dtype:>8}: {r['tokens_per_sec']:>10,.0f} tok/s  "
-                  f"{r['ms_per_iter']:8.1f} ms/iter  MFU {mfu:>6}  peak memory {memory}  "
-                  f"first step {r['first_step_s']:.1f} s")  # fmt: skip
-            rows.append(f"| {date.today()} | {name} | torch {torch.__version__} | {config_path.name} | "
-                        f"{batch_size} x {block_size} | {args.compile} | {impl} | {dtype} | "
-                        f"{r['tokens_per_sec']:,.0f} | {r['ms_per_iter']:.1f} | {mfu} | {memory} |")  # fmt: skip
+            print(
+                f"{batch_size:>3} x {block_size:<5} {impl:>12} {dtype:>8}: {r['tokens_per_sec']:>10,.0f} tok/s  "
+                f"{r['ms_per_iter']:8.1f} ms/iter  MFU {mfu:>6}  peak memory {memory}  "
+                f"first step {r['first_step_s']:.1f} s"
+            )
+            rows.append(
+                f"| {date.today()} | {name} | torch {torch.__version__} | {config_path.name} | "
+                f"{batch_size} x {block_size} | {args.compile} | {impl} | {dtype} | "
+                f"{r['tokens_per_sec']:,.0f} | {r['ms_per_iter']:.1f} | {mfu} | {memory} |"
+            )
         if len(best) == 2:
             (ours, our_dtype), (theirs, their_dtype) = best["ours"], best["transformers"]
             ratio = ours / theirs
-            print(f"block {block_size}: ours ({our_dtype}) / transformers ({their_dtype}), each at its fastest = "
-                  f"{ratio:.2f}")  # fmt: skip
+            print(
+                f"block {block_size}: ours ({our_dtype}) / transformers ({their_dtype}), each at its fastest = "
+                f"{ratio:.2f}"
+            )
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(rows) + "\n")

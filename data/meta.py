@@ -108,5 +108,7 @@ def write_meta(data_dir: Path, meta: dict) -> None:
         os.replace(tmp, data_dir / "meta.json")
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {data_dir / 'meta.json'} ({e.strerror or e}): the dataset is incomplete; "
-                        "prepare it again when there is space") from None  # fmt: skip
+        raise DataError(
+            f"cannot write {data_dir / 'meta.json'} ({e.strerror or e}): the dataset is incomplete; "
+            "prepare it again when there is space"
+        ) from None

@@ -157,8 +157,9 @@ def prepare(
         with open(out_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not force and _is_current(out_dir, description, tokenizer):
-                print(f"{out_dir} is already prepared from this source with {tokenizer}; nothing to do (--force "
-                      "rebuilds)")  # fmt: skip
+                print(
+                    f"{out_dir} is already prepared from this source with {tokenizer}; nothing to do (--force rebuilds)"
+                )
                 return out_dir
             num_proc = num_proc or os.cpu_count() or 1
             _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)

@@ -10,10 +10,20 @@ from architecture.hf_weights import hf_names
 def tiny_config(**overrides) -> ModelConfig:
     """Both layer types, GQA (4 query heads over 2 KV heads), a 16-token window: small enough for any CPU."""
     values = dict(
-        vocab_size=300, context_length=256, emb_dim=64, n_heads=4, n_layers=4, hidden_dim=128, head_dim=32,
-        n_kv_groups=2, query_pre_attn_scalar=24, sliding_window=16, rope_local_base=10_000.0, rope_base=1e6,
+        vocab_size=300,
+        context_length=256,
+        emb_dim=64,
+        n_heads=4,
+        n_layers=4,
+        hidden_dim=128,
+        head_dim=32,
+        n_kv_groups=2,
+        query_pre_attn_scalar=24,
+        sliding_window=16,
+        rope_local_base=10_000.0,
+        rope_base=1e6,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-    )  # fmt: skip
+    )
     values.update(overrides)
     return ModelConfig(**values)
 

@@ -39,9 +39,19 @@ BF16_VS_FLOAT32, BF16_VS_BF16 = 3e-2, 5e-2
 
 def gemma_attention_config(**overrides):
     """Gemma 3 270M's attention (4 query heads over one K/V head of 256, a 512-token window) in a narrow model."""
-    values = dict(vocab_size=1000, context_length=2048, emb_dim=256, hidden_dim=512, n_layers=3, n_heads=4,
-                  n_kv_groups=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])  # fmt: skip
+    values = dict(
+        vocab_size=1000,
+        context_length=2048,
+        emb_dim=256,
+        hidden_dim=512,
+        n_layers=3,
+        n_heads=4,
+        n_kv_groups=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
     return tiny_config(**{**values, **overrides})
 
 

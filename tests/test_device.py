@@ -56,8 +56,12 @@ def test_unavailable_devices_are_refused(machine, name, cuda, mps, match):
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
-    for flags, native in [({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True),
-                          ({"fp", "asimd", "bf16"}, True)]:  # fmt: skip
+    for flags, native in [
+        ({"avx2", "avx512f"}, False),
+        ({"avx512_bf16"}, True),
+        ({"amx_bf16"}, True),
+        ({"fp", "asimd", "bf16"}, True),
+    ]:
         monkeypatch.setattr(device_module, "cpu_flags", lambda flags=flags: flags)
         assert cpu_has_native_bf16() is native
         dtype, note = autocast_dtype(torch.device("cpu"), "bfloat16")
@@ -89,8 +93,10 @@ def test_cuda_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capabili
     if native:
         assert note is None
     else:
-        assert note == (f"note: this GPU (compute capability {capability[0]}.{capability[1]}) has no native bf16 "
-                        "(8.0 or newer: Ampere and later); training in float32")  # fmt: skip
+        assert note == (
+            f"note: this GPU (compute capability {capability[0]}.{capability[1]}) has no native bf16 "
+            "(8.0 or newer: Ampere and later); training in float32"
+        )
     assert autocast_dtype(torch.device("cuda"), "float32") == (None, None)
 
 
@@ -128,8 +134,11 @@ def test_cuda_repeats_kv_heads_where_only_the_math_kernel_would_take_them(
 ):
     """No GPU here: the device's facts are faked, and the rule is what is tested (tests/test_cuda.py runs SDPA with
     its math kernel disabled on a GPU)."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
-        major=capability[0], minor=capability[1]))  # fmt: skip
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1]),
+    )
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: autocast and device_type == "cuda")
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
     q, k, v = torch.zeros(1, 4, 3, 8, dtype=dtype), *torch.zeros(2, 1, 1, 3, 8, dtype=dtype)

@@ -31,8 +31,13 @@ def once_per_node_worker(rank: int, port: int, work_seconds: float, out_dir: str
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world, marker = Distributed(rank, rank, 2), os.path.join(out_dir, "prepared")
     try:
-        once_per_node(world, lambda: (time.sleep(work_seconds), open(marker, "w").close()), "prepare dataset x",
-                      "prepare it before torchrun", timeout=timedelta(seconds=2))  # fmt: skip
+        once_per_node(
+            world,
+            lambda: (time.sleep(work_seconds), open(marker, "w").close()),
+            "prepare dataset x",
+            "prepare it before torchrun",
+            timeout=timedelta(seconds=2),
+        )
         result = f"ok, prepared: {os.path.exists(marker)}"
     except DistributedError as e:
         result = f"error: {e}"

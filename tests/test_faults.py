@@ -127,8 +127,9 @@ def test_crash_between_latest_and_best_then_resume(tmp_path):
 
 def test_loss_spike_stops_before_saving_and_names_the_good_checkpoint(tmp_path):
     # lr 0 for the first two iterations (warmup from 0 over 100 iterations makes the first update tiny), then huge.
-    config = run_config(tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e4, min_lr=0.0,
-                        grad_clip=0.0)  # fmt: skip
+    config = run_config(
+        tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e4, min_lr=0.0, grad_clip=0.0
+    )
     output = refused(config, fragments=("training diverged and stopped without saving",))
     good = load_checkpoint(tmp_path / "run" / "latest.pt")
     assert f"the last good checkpoint is {tmp_path / 'run' / 'latest.pt'} (iteration {good['iter_num']})" in output
@@ -187,8 +188,13 @@ def test_resume_after_the_model_config_file_changed_and_an_allowed_batch_change(
 
 def tmpfs(path: Path, size: str) -> Path:
     path.mkdir(parents=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:  # fmt: skip
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root and a mount that permits it")
     return path
 
@@ -233,10 +239,18 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
 def test_bad_inputs_are_one_line_refusals_that_touch_nothing(tmp_path):
     config = run_config(tmp_path)
     cases = bad_input_cases(tmp_path)
-    for name, fragment in [("dup.json", "key 'batch_size' appears more than once"), ("latin1.json", "not UTF-8"),
-                           ("betas.json", "'betas' must be a list of numbers, got [[0.9], 0.95]")]:  # fmt: skip
-        result = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / name)], cwd=REPO,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    for name, fragment in [
+        ("dup.json", "key 'batch_size' appears more than once"),
+        ("latin1.json", "not UTF-8"),
+        ("betas.json", "'betas' must be a list of numbers, got [[0.9], 0.95]"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "train.py", "--config", str(tmp_path / name)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         expect_refusal(result.stderr, result.returncode, str(tmp_path / name), fragment)
     before = snapshot(tmp_path)
     for args, fragments in cases:
@@ -280,6 +294,11 @@ def test_bad_checkpoints_and_datasets_are_refused_at_start(tmp_path):
 def test_prompt_file_that_is_not_utf8(straight, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"caf\xe9")
-    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(straight), "--prompt-file", str(prompt)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "sample.py", "--ckpt", str(straight), "--prompt-file", str(prompt)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     expect_refusal(result.stderr, result.returncode, f"prompt file {prompt} is not UTF-8 text")

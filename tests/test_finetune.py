@@ -42,8 +42,9 @@ def gemma_like_directory(path: Path, vocab_size: int = 400) -> Path:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                                           initial_alphabet=alphabet))  # fmt: skip
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=alphabet)
+    )
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
@@ -74,10 +75,25 @@ def gemma_dataset(gemma_dir) -> subprocess.CompletedProcess:
 
 
 def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["train.py", "--config", "config/finetune.json", f"--init_from={gemma_dir}", f"--dataset={DATASET}",
-            f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", "--max_iters=3", "--warmup_steps=1",
-            "--batch_size=2", "--block_size=32", "--gradient_accumulation_steps=1", "--eval_interval=3",
-            "--eval_iters=1", "--log_interval=1", *extra]  # fmt: skip
+    return [
+        "train.py",
+        "--config",
+        "config/finetune.json",
+        f"--init_from={gemma_dir}",
+        f"--dataset={DATASET}",
+        f"--out_dir={out_dir}",
+        "--device=cpu",
+        "--dtype=float32",
+        "--max_iters=3",
+        "--warmup_steps=1",
+        "--batch_size=2",
+        "--block_size=32",
+        "--gradient_accumulation_steps=1",
+        "--eval_interval=3",
+        "--eval_iters=1",
+        "--log_interval=1",
+        *extra,
+    ]
 
 
 def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
@@ -107,8 +123,9 @@ def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
     moved = gemma_dir.with_name("moved-away")
     gemma_dir.rename(moved)
     try:
-        result = run("sample.py", "--ckpt", str(out), "--prompt", "def f(x):", "--max-new-tokens", "8",
-                     "--temperature", "0")  # fmt: skip
+        result = run(
+            "sample.py", "--ckpt", str(out), "--prompt", "def f(x):", "--max-new-tokens", "8", "--temperature", "0"
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("def f(x):") and "tokens/s" in result.stderr
         result = run("scripts/export_hf.py", "--ckpt", str(out), "--out", str(tmp_path / "exported"))
@@ -152,8 +169,11 @@ def test_refusals(gemma_dir, gemma_dataset, tmp_path):
     before = {p.name: p.read_bytes() for p in (DATA_ROOT / GPT2_DATASET).iterdir()}
 
     # Tokenizer paths that are not tokenizers; the existing dataset is left as it was.
-    for bad, fragment in [(tmp_path / "nowhere", "does not exist"), (corpus, "is not a tokenizer.json"),
-                          (tmp_path, "holds no tokenizer.json")]:  # fmt: skip
+    for bad, fragment in [
+        (tmp_path / "nowhere", "does not exist"),
+        (corpus, "is not a tokenizer.json"),
+        (tmp_path, "holds no tokenizer.json"),
+    ]:
         result = run("data/prepare.py", str(corpus), "--name", GPT2_DATASET, "--tokenizer", str(bad))
         expect_refusal(result, fragment, str(bad))
     assert before == {p.name: p.read_bytes() for p in (DATA_ROOT / GPT2_DATASET).iterdir()}

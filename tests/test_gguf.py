@@ -27,9 +27,20 @@ LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
 
 
 def gemma_like_config(**overrides):
-    values = dict(vocab_size=50257, context_length=256, emb_dim=64, n_heads=2, n_kv_groups=1, head_dim=32,
-                  query_pre_attn_scalar=32, hidden_dim=128, n_layers=6, sliding_window=16, layer_types=LAYERS,
-                  rms_norm_eps=1e-6)  # fmt: skip
+    values = dict(
+        vocab_size=50257,
+        context_length=256,
+        emb_dim=64,
+        n_heads=2,
+        n_kv_groups=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        hidden_dim=128,
+        n_layers=6,
+        sliding_window=16,
+        layer_types=LAYERS,
+        rms_norm_eps=1e-6,
+    )
     return tiny_config(**(values | overrides))
 
 
@@ -45,22 +56,35 @@ def model():
 @pytest.fixture(scope="module")
 def files(model, tmp_path_factory) -> dict[str, gguf.GGUFReader]:
     out = tmp_path_factory.mktemp("gguf")
-    return {dtype: gguf.GGUFReader(export_gguf(model, gpt2(), out / f"m-{dtype}.gguf", dtype)) for dtype in
-            ("f32", "f16", "bf16", "q8_0")}  # fmt: skip
+    return {
+        dtype: gguf.GGUFReader(export_gguf(model, gpt2(), out / f"m-{dtype}.gguf", dtype))
+        for dtype in ("f32", "f16", "bf16", "q8_0")
+    }
 
 
 def test_hyperparameters_are_the_ones_llama_cpp_reads(files, model):
     meta = fields(files["f32"])
     config = model.config
     expected = {
-        "general.architecture": "gemma3", "gemma3.context_length": 256, "gemma3.embedding_length": 64,
-        "gemma3.block_count": 6, "gemma3.feed_forward_length": 128, "gemma3.attention.head_count": 2,
-        "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 32, "gemma3.attention.value_length": 32,
-        "gemma3.rope.freq_base": config.rope_base, "gemma3.attention.sliding_window": 16,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 50256,
-        "tokenizer.ggml.eos_token_id": 50256, "tokenizer.ggml.eot_token_id": 50256,
-        "tokenizer.ggml.padding_token_id": 50256, "tokenizer.ggml.add_bos_token": False,
-    }  # fmt: skip
+        "general.architecture": "gemma3",
+        "gemma3.context_length": 256,
+        "gemma3.embedding_length": 64,
+        "gemma3.block_count": 6,
+        "gemma3.feed_forward_length": 128,
+        "gemma3.attention.head_count": 2,
+        "gemma3.attention.head_count_kv": 1,
+        "gemma3.attention.key_length": 32,
+        "gemma3.attention.value_length": 32,
+        "gemma3.rope.freq_base": config.rope_base,
+        "gemma3.attention.sliding_window": 16,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": 50256,
+        "tokenizer.ggml.eos_token_id": 50256,
+        "tokenizer.ggml.eot_token_id": 50256,
+        "tokenizer.ggml.padding_token_id": 50256,
+        "tokenizer.ggml.add_bos_token": False,
+    }
     assert {key: meta[key] for key in expected} == expected
     assert meta["gemma3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     assert len(meta["tokenizer.ggml.tokens"]) == 50257 and meta["tokenizer.ggml.token_type"][50256] == 3  # control
@@ -119,8 +143,9 @@ def test_file_tokenizer_gives_tiktokens_ids(files):
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/export_gguf.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "scripts/export_gguf.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_export_command_writes_a_checkpoint(tmp_path, model):
@@ -154,19 +179,24 @@ def word_level_directory(path: Path, model) -> Path:
 @pytest.mark.parametrize(
     "make, fragment",
     [
-        (lambda tmp, m: {"model_config": gemma_like_config(layer_types=["full_attention"] * 6)},
-         "layer_types must be five sliding layers then one full layer"),
-        (lambda tmp, m: {"model_config": gemma_like_config(query_pre_attn_scalar=24)},
-         "query_pre_attn_scalar is 24; llama.cpp scales queries by 32^-0.5"),
-        (lambda tmp, m: {"model_config": gemma_like_config(rope_local_base=5000.0)},
-         "rope_local_base is 5000; llama.cpp fixes sliding layers' at 10000"),
-        (lambda tmp, m: {"hf_dir": word_level_directory(tmp / "hf", m)},
-         "is not byte-level BPE with GPT-2's split"),
+        (
+            lambda tmp, m: {"model_config": gemma_like_config(layer_types=["full_attention"] * 6)},
+            "layer_types must be five sliding layers then one full layer",
+        ),
+        (
+            lambda tmp, m: {"model_config": gemma_like_config(query_pre_attn_scalar=24)},
+            "query_pre_attn_scalar is 24; llama.cpp scales queries by 32^-0.5",
+        ),
+        (
+            lambda tmp, m: {"model_config": gemma_like_config(rope_local_base=5000.0)},
+            "rope_local_base is 5000; llama.cpp fixes sliding layers' at 10000",
+        ),
+        (lambda tmp, m: {"hf_dir": word_level_directory(tmp / "hf", m)}, "is not byte-level BPE with GPT-2's split"),
         (lambda tmp, m: {"ckpt": tmp / "missing.pt"}, "checkpoint not found"),
         (lambda tmp, m: {"ckpt": tmp / "run", "out": tmp / "nowhere" / "m.gguf"}, "must be a file in an existing"),
     ],
     ids=["layer-pattern", "query-scale", "rope-local-base", "tokenizer", "missing", "out-dir"],
-)  # fmt: skip
+)
 def test_refusals_through_the_command(tmp_path, model, make, fragment):
     case = make(tmp_path, model)
     if "model_config" in case:

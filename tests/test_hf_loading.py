@@ -11,16 +11,34 @@ from architecture import ConfigError, Gemma3Model, ModelConfig, WeightsError, lo
 
 # google/gemma-3-270m's config.json as published (transformers 4 spelling).
 OFFICIAL_270M_CONFIG = {
-    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
-    "max_position_embeddings": 32768, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
-    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
-    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None, "sliding_window": 512,
-    "_sliding_window_pattern": 6, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06,
-    "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False,
-    "use_bidirectional_attention": False, "torch_dtype": "bfloat16", "bos_token_id": 2, "eos_token_id": 1,
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "max_position_embeddings": 32768,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": None,
+    "sliding_window": 512,
+    "_sliding_window_pattern": 6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-06,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "attention_bias": False,
+    "use_bidirectional_attention": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 2,
+    "eos_token_id": 1,
     "pad_token_id": 0,
     "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

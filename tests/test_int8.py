@@ -26,8 +26,10 @@ def test_every_block_linear_and_the_head_are_int8_with_rounding_error_within_hal
     assert len(int8_layers(quantized)) == 7 * model.config.n_layers + 1  # q, k, v, o, gate, up, down; the head
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
     assert torch.equal(quantized.tok_emb.weight, model.tok_emb.weight)  # the lookup stays in float
-    for layer, original in [(quantized.blocks[0].mlp.up_proj, model.blocks[0].mlp.up_proj.weight),
-                            (quantized.lm_head, model.lm_head.weight)]:  # fmt: skip
+    for layer, original in [
+        (quantized.blocks[0].mlp.up_proj, model.blocks[0].mlp.up_proj.weight),
+        (quantized.lm_head, model.lm_head.weight),
+    ]:
         assert layer.weight.dtype == torch.int8 and layer.scale.shape == (original.shape[0],)
         error = (layer.weight.float() * layer.scale[:, None] - original).abs()
         assert (error <= layer.scale[:, None] / 2 + 1e-7).all()

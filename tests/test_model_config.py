@@ -7,11 +7,24 @@ import pytest
 from architecture import DEFAULT_MODEL_CONFIG, ConfigError, ModelConfig
 
 SEED_VALUES = {
-    "vocab_size": 50257, "context_length": 32768, "emb_dim": 640, "n_heads": 4, "n_layers": 18, "hidden_dim": 2048,
-    "head_dim": 256, "qk_norm": True, "n_kv_groups": 1, "query_pre_attn_scalar": 256, "rope_local_base": 10000,
-    "rope_base": 1000000, "sliding_window": 512, "dtype": "bfloat16", "tie_embeddings": False, "rms_norm_eps": 1e-6,
+    "vocab_size": 50257,
+    "context_length": 32768,
+    "emb_dim": 640,
+    "n_heads": 4,
+    "n_layers": 18,
+    "hidden_dim": 2048,
+    "head_dim": 256,
+    "qk_norm": True,
+    "n_kv_groups": 1,
+    "query_pre_attn_scalar": 256,
+    "rope_local_base": 10000,
+    "rope_base": 1000000,
+    "sliding_window": 512,
+    "dtype": "bfloat16",
+    "tie_embeddings": False,
+    "rms_norm_eps": 1e-6,
     "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
-}  # fmt: skip
+}
 
 
 def test_shipped_json_holds_the_seed_values():

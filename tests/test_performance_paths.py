@@ -78,8 +78,9 @@ def test_block_mask_is_the_sliding_window_rule_and_skips_blocks(seq_len, window)
     assert torch.equal(dense, sliding_window_mask(seq_len, window, cpu))
     block_mask = sliding_block_mask(seq_len, window, cpu)
     # Each 128-row query block touches at most the blocks its window spans: work grows as T x window, not T^2.
-    visited = block_mask.kv_num_blocks + (block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None
-                                          else 0)  # fmt: skip
+    visited = block_mask.kv_num_blocks + (
+        block_mask.full_kv_num_blocks if block_mask.full_kv_num_blocks is not None else 0
+    )
     assert visited.max().item() <= window // 128 + 2
 
 

@@ -175,8 +175,15 @@ def test_large_vocabulary_gets_uint32_files(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     docs = [" ".join(words[i::6_000]) for i in range(20)]
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    out = prepare(str(corpus), "big", tokenizer=tmp_path / "tokenizer.json", data_root=tmp_path, val_fraction=0.3,
-                  num_proc=1, progress=False)  # fmt: skip
+    out = prepare(
+        str(corpus),
+        "big",
+        tokenizer=tmp_path / "tokenizer.json",
+        data_root=tmp_path,
+        val_fraction=0.3,
+        num_proc=1,
+        progress=False,
+    )
     meta = read_meta(out)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_001 and meta["tokenizer"]["bos_id"] is None
     tokens = np.concatenate([np.fromfile(out / f"{s}.bin", dtype="<u4") for s in ("train", "val")])

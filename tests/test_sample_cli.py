@@ -26,9 +26,20 @@ TEXT = (
 
 
 def gpt2_config(**overrides):
-    values = dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
-                  hidden_dim=64, n_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-                  query_pre_attn_scalar=16, tie_embeddings=True)  # fmt: skip
+    values = dict(
+        vocab_size=50257,
+        context_length=64,
+        emb_dim=32,
+        n_heads=2,
+        n_kv_groups=1,
+        head_dim=16,
+        hidden_dim=64,
+        n_layers=2,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        tie_embeddings=True,
+    )
     values.update(overrides)
     return tiny_config(**values)
 
@@ -46,8 +57,13 @@ def trained_state(config) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {"model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": "gpt2", "iter_num": 5,
-            "best_val_loss": loss.item()}  # fmt: skip
+    return {
+        "model": model.state_dict(),
+        "model_config": config.to_dict(),
+        "tokenizer": "gpt2",
+        "iter_num": 5,
+        "best_val_loss": loss.item(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +90,24 @@ def expect_error(capsys, match: str, *argv):
 
 
 def test_cli_streams_greedy_text_and_reports_speed(run_dir):
-    command = [sys.executable, "sample.py", "--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens",
-               "12", "--temperature", "0", "--num-samples", "2", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    command = [
+        sys.executable,
+        "sample.py",
+        "--ckpt",
+        str(run_dir),
+        "--prompt",
+        "The model",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--num-samples",
+        "2",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     state = torch.load(run_dir / "best.pt", weights_only=True)

@@ -66,8 +66,15 @@ strings = json.load(sys.stdin)
 print(json.dumps([[ours.encode(s), theirs.encode_ordinary(s)] for s in strings]))
 """
     env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(cache)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, input=json.dumps(strings), capture_output=True,
-                            text=True, timeout=60, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        input=json.dumps(strings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     for text, (ours, theirs) in zip(strings, json.loads(result.stdout), strict=True):
         assert ours == theirs, text

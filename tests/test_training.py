@@ -23,10 +23,20 @@ from training.schedule import learning_rate
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {
-    "vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "hidden_dim": 64,
-    "head_dim": 16, "n_kv_groups": 1, "query_pre_attn_scalar": 16, "sliding_window": 16, "tie_embeddings": True,
-    "layer_types": ["sliding_attention", "full_attention"], "dtype": "float32",
-}  # fmt: skip
+    "vocab_size": 50257,
+    "context_length": 128,
+    "emb_dim": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "hidden_dim": 64,
+    "head_dim": 16,
+    "n_kv_groups": 1,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 16,
+    "tie_embeddings": True,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "dtype": "float32",
+}
 
 
 def run_config(tmp_path: Path, **overrides) -> Path:
@@ -34,11 +44,23 @@ def run_config(tmp_path: Path, **overrides) -> Path:
     model_file = tmp_path / "tiny_model.json"
     model_file.write_text(json.dumps(TINY_MODEL))
     values = {
-        "model_config": str(model_file), "dataset": "pydocs", "out_dir": str(tmp_path / "run"),
-        "batch_size": 4, "block_size": 32, "gradient_accumulation_steps": 4, "max_iters": 12,
-        "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 6, "eval_iters": 2,
-        "log_interval": 1, "device": "cpu", "dtype": "float32", **overrides,
-    }  # fmt: skip
+        "model_config": str(model_file),
+        "dataset": "pydocs",
+        "out_dir": str(tmp_path / "run"),
+        "batch_size": 4,
+        "block_size": 32,
+        "gradient_accumulation_steps": 4,
+        "max_iters": 12,
+        "learning_rate": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+        "eval_interval": 6,
+        "eval_iters": 2,
+        "log_interval": 1,
+        "device": "cpu",
+        "dtype": "float32",
+        **overrides,
+    }
     path = tmp_path / "train.json"
     path.write_text(json.dumps(values))
     return path
@@ -48,8 +70,13 @@ def train_process(config: Path, *args: str, env: dict | None = None, **popen) ->
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "train.py", "--config", str(config), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for_iteration(metrics: Path, iteration: int, process: subprocess.Popen) -> None:
@@ -109,8 +136,11 @@ def test_min_lr_above_learning_rate_is_rejected():
 
 def test_overrides_are_typed_and_checked(tmp_path):
     assert parse_overrides(["--max_iters=7", "--compile=true", "--betas=[0.9,0.99]", "--device=cpu"]) == {
-        "max_iters": 7, "compile": True, "betas": [0.9, 0.99], "device": "cpu",
-    }  # fmt: skip
+        "max_iters": 7,
+        "compile": True,
+        "betas": [0.9, 0.99],
+        "device": "cpu",
+    }
     config = load_training_config(run_config(tmp_path), ["--learning_rate=0.01", "--min_lr=1e-3"])
     assert config.learning_rate == 0.01 and config.min_lr == 1e-3
     with pytest.raises(ConfigError, match=r"--max_iters=ten: expected int"):
@@ -128,8 +158,10 @@ def test_overrides_are_typed_and_checked(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(run_config(tmp_path)), "--device=cuda"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert result.returncode == 2
@@ -231,15 +263,25 @@ def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     assert losses(tmp_path / "run") == losses(straight_run[0])  # bit-identical, iteration by iteration
 
 
-@pytest.mark.parametrize("compile, port, tolerance", [(False, 29731, 1e-5), (True, 29732, 1e-4)],
-                         ids=["eager", "compiled"])  # fmt: skip
+@pytest.mark.parametrize(
+    "compile, port, tolerance", [(False, 29731, 1e-5), (True, 29732, 1e-4)], ids=["eager", "compiled"]
+)
 def test_two_process_ddp_matches_one_process(straight_run, tmp_path, compile, port, tolerance):
     """2 micro-batches per process per update: the first under no_sync, the second all-reduced. Compiled, DDP is
     inside torch.compile (dynamo cuts the graph at DDP's gradient buckets)."""
     config = run_config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "train.py", "--config", str(config), f"--compile={str(compile).lower()}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "train.py",
+        "--config",
+        str(config),
+        f"--compile={str(compile).lower()}",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     single, ddp = losses(straight_run[0]), losses(tmp_path / "run")
@@ -262,8 +304,9 @@ def test_compiled_run_matches_eager(straight_run, tmp_path):
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # Iteration 0 has lr 0 (warmup), so the checkpoint after it is good; the next updates blow the model up.
-    config = run_config(tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e6, min_lr=0.0,
-                        grad_clip=0.0)  # fmt: skip
+    config = run_config(
+        tmp_path, max_iters=40, eval_interval=1, warmup_steps=20, learning_rate=1e6, min_lr=0.0, grad_clip=0.0
+    )
     process = train_process(config)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2, output
@@ -275,9 +318,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_demo_config_loss_falls(tmp_path):
     output = run_train(
-        REPO / "config" / "demo.json", f"--out_dir={tmp_path}", "--max_iters=30", "--eval_interval=30",
-        "--warmup_steps=5", "--eval_iters=4", "--log_interval=5",
-    )  # fmt: skip
+        REPO / "config" / "demo.json",
+        f"--out_dir={tmp_path}",
+        "--max_iters=30",
+        "--eval_interval=30",
+        "--warmup_steps=5",
+        "--eval_iters=4",
+        "--log_interval=5",
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if r["kind"] == "train"]
     assert train[-1] < train[0] - 1.0, output
@@ -292,8 +340,9 @@ def test_wandb_offline_and_loss_plot(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
-    plot = subprocess.run([sys.executable, "scripts/plot_loss.py", str(tmp_path / "run")], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
+    plot = subprocess.run(
+        [sys.executable, "scripts/plot_loss.py", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True
+    )
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -306,7 +355,10 @@ def test_offline_dataset_fails_fast_with_the_data_message(tmp_path):
     start = time.time()
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(run_config(tmp_path)), "--dataset=tinystories"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "pydocs" in result.stderr and "Traceback" not in result.stderr
     assert time.time() - start < 60

@@ -134,8 +134,9 @@ def load_model(path: str | Path) -> tuple[Gemma3Model, Tokenizer]:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         if not (path / "tokenizer.json").is_file():
-            raise CheckpointError(f"{path}: no tokenizer.json, so the model's tokenizer is unknown; copy in the one it "
-                                  "was trained with")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: no tokenizer.json, so the model's tokenizer is unknown; copy in the one it was trained with"
+            )
         tokenizer = load_tokenizer(path)
         model = Gemma3Model.from_hf(str(path))
         where = path

@@ -65,9 +65,15 @@ class TrainingConfig(CheckedConfig):
 
     def validate(self) -> None:
         self._require_positive(
-            "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "eval_interval",
-            "eval_iters", "log_interval",
-        )  # fmt: skip
+            "batch_size",
+            "block_size",
+            "gradient_accumulation_steps",
+            "max_iters",
+            "learning_rate",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        )
         self._require_positive("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", allow_zero=True)
         if self.seed >= 2**63:
             self._fail("seed", message=f"'seed' must be below 2**63, got {self.seed}")

@@ -96,8 +96,10 @@ def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | 
         return torch.bfloat16, None
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return None, (f"note: this GPU (compute capability {major}.{minor}) has no native bf16 (8.0 or newer: "
-                      "Ampere and later); training in float32")  # fmt: skip
+        return None, (
+            f"note: this GPU (compute capability {major}.{minor}) has no native bf16 (8.0 or newer: "
+            "Ampere and later); training in float32"
+        )
     if device.type == "cpu":
         return None, "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32"
     if mps_supports("autocast_bf16"):

@@ -68,8 +68,9 @@ def rank_device(device: torch.device, world: Distributed) -> torch.device:
 NODE_WORK_TIMEOUT = timedelta(hours=2)
 
 
-def once_per_node(world: Distributed, work: Callable[[], object], what: str, fix: str,
-                  timeout: timedelta = NODE_WORK_TIMEOUT) -> None:  # fmt: skip
+def once_per_node(
+    world: Distributed, work: Callable[[], object], what: str, fix: str, timeout: timedelta = NODE_WORK_TIMEOUT
+) -> None:
     """Run `work` on local rank 0 of each node (a node's disk may be its own; on a shared one, `work` must be safe
     to run concurrently) while every other rank waits at a barrier of a gloo group with its own `timeout`, so the
     training collectives keep their short default. `what` and `fix` complete the timeout's message: "rank 1 waited

@@ -59,9 +59,11 @@ class RunLogger(NullLogger):
             import wandb  # only where enabled: it is slow to import
 
             wandb_run = wandb.init(
-                project=config.wandb_project, name=config.wandb_run_name or None, dir=str(run.out_dir),
+                project=config.wandb_project,
+                name=config.wandb_run_name or None,
+                dir=str(run.out_dir),
                 config={"model": run.model.config.to_dict(), "training": config.to_dict()},
-            )  # fmt: skip
+            )
         self.wandb_run = wandb_run
         self.metrics = MetricsLog(run.out_dir, run.iter_num if config.init_from == "resume" else None, wandb_run)
         tokens_per_process = config.tokens_per_iter / run.world.world_size
@@ -84,13 +86,17 @@ class RunLogger(NullLogger):
         model_config = run.model.config
         self.metrics.log("config", run.iter_num, model=model_config.to_dict(), training=self.config.to_dict())
         changed = config_differences(self.config.to_dict(), TrainingConfig().to_dict())
-        self.write(f"training config {self.config.origin.source}, differences from the defaults (all of it in "
-                   f"{self.out_dir / 'metrics.jsonl'}): {changed}")  # fmt: skip
+        self.write(
+            f"training config {self.config.origin.source}, differences from the defaults (all of it in "
+            f"{self.out_dir / 'metrics.jsonl'}): {changed}"
+        )
         self.write(f"model: {config_differences(model_config.to_dict(), ModelConfig().to_dict())}")
         n_params = sum(p.numel() for p in run.model.parameters())
         shape = f"{self.config.batch_size} x {self.config.block_size} x {self.config.gradient_accumulation_steps}"
-        self.write(f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, {run.device}; "
-                   f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)")  # fmt: skip
+        self.write(
+            f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, {run.device}; "
+            f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)"
+        )
         if run.precision_note:
             self.write(run.precision_note)
         if run.iter_num:
@@ -134,8 +140,10 @@ class RunLogger(NullLogger):
 
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None:
         self.metrics.log("eval", run.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-        self.write(f"eval {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                   + (" (best)" if improved else ""))  # fmt: skip
+        self.write(
+            f"eval {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + (" (best)" if improved else "")
+        )
         self.last = time.perf_counter()  # the next iteration's time excludes evaluation and checkpointing
 
     def note(self, message: str) -> None:
@@ -144,8 +152,10 @@ class RunLogger(NullLogger):
     def summary(self, run, stopped: bool) -> None:
         self.progress.close()
         done = run.iter_num - self.start_iter
-        lines = [f"{'stopped' if stopped else 'finished'} at iteration {run.iter_num} of {self.config.max_iters} "
-                 f"({done} in this process, {duration(time.perf_counter() - self.started)})"]  # fmt: skip
+        lines = [
+            f"{'stopped' if stopped else 'finished'} at iteration {run.iter_num} of {self.config.max_iters} "
+            f"({done} in this process, {duration(time.perf_counter() - self.started)})"
+        ]
         if run.best_iter is not None:
             lines.append(
                 f"best val loss {run.best_val_loss:.4f} at iteration {run.best_iter}: {self.out_dir / 'best.pt'}"

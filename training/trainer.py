@@ -90,9 +90,11 @@ def resolve_device(config: TrainingConfig) -> torch.device:
     except DeviceError as e:
         hint = ""
         if config.device.startswith("cuda") and not torch.cuda.is_available():
-            hint = (". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
-                    "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
-                    "3 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway")  # fmt: skip
+            hint = (
+                ". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
+                "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
+                "3 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway"
+            )
         raise ConfigError(f"{config.origin.source}: {e}{hint}") from None
 
 
@@ -118,8 +120,10 @@ def model_start(config: TrainingConfig) -> ModelStart:
         checkpoint = load_checkpoint(path)
         missing = [key for key in RESUME_KEYS if key not in checkpoint]
         if missing:
-            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it holds a model but not a training state, so "
-                                  "it can be sampled or exported, not resumed")  # fmt: skip
+            raise CheckpointError(
+                f"{path} lacks {', '.join(missing)}: it holds a model but not a training state, so "
+                "it can be sampled or exported, not resumed"
+            )
         model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_record(checkpoint.get("tokenizer"))
         check_tokenizer_fits(model, tokenizer, path)
         origin = checkpoint.get("model_origin", "")
@@ -212,13 +216,19 @@ class Run:
     def state_dict(self) -> dict:
         """Tensors and plain values only (read back with torch.load(weights_only=True))."""
         return {
-            "model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
-            "training_config": self.config.to_dict(), "tokenizer": self.tokenizer.record(),
-            "model_origin": self.model_origin, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
-            "best_iter": self.best_iter, "loss_ema": self.loss_ema,
-            "optimizer": self.optimizer.state_dict(), "loader": self.train_loader.state_dict(),
+            "model": self.model.state_dict(),
+            "model_config": self.model.config.to_dict(),
+            "training_config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.record(),
+            "model_origin": self.model_origin,
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "best_iter": self.best_iter,
+            "loss_ema": self.loss_ema,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.train_loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},  # the batches have their own generator, in "loader"
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Continue where `checkpoint` stopped (the model's weights are loaded with the model itself)."""
@@ -286,17 +296,34 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
             f"context_length ({start.model.config.context_length})"
         )
     tokenizer = prepare_data(config, world, start)
-    loader_args = dict(data_dir=DATA_ROOT / config.dataset, batch_size=config.batch_size,
-                       block_size=config.block_size, device=device, tokenizer=tokenizer)  # fmt: skip
-    train_loader = BatchLoader(split="train", seed=config.seed, rank=world.rank, world_size=world.world_size,
-                               **loader_args)  # fmt: skip
+    loader_args = dict(
+        data_dir=DATA_ROOT / config.dataset,
+        batch_size=config.batch_size,
+        block_size=config.block_size,
+        device=device,
+        tokenizer=tokenizer,
+    )
+    train_loader = BatchLoader(
+        split="train", seed=config.seed, rank=world.rank, world_size=world.world_size, **loader_args
+    )
     BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
 
     model = start.model
     autocast, precision_note = place_model(model, config, device)
-    run = Run(config, model, tokenizer, build_optimizer(model, config, device.type), train_loader, start.origin,
-              world=world, device=device, autocast=autocast, precision_note=precision_note, loader_args=loader_args,
-              local_accum=config.gradient_accumulation_steps // world.world_size)  # fmt: skip
+    run = Run(
+        config,
+        model,
+        tokenizer,
+        build_optimizer(model, config, device.type),
+        train_loader,
+        start.origin,
+        world=world,
+        device=device,
+        autocast=autocast,
+        precision_note=precision_note,
+        loader_args=loader_args,
+        local_accum=config.gradient_accumulation_steps // world.world_size,
+    )
     if start.resumes:
         run.load_state_dict(start.checkpoint)
     if world.is_master:  # one run per out_dir, from here to the end of the process
@@ -310,9 +337,12 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
 def prepare_data(config: TrainingConfig, world: Distributed, start: ModelStart) -> Tokenizer:
     """Prepare the dataset once per node, in the model's tokenizer; return the tokenizer the run speaks. A model
     trained from scratch speaks its dataset's; any other must be the dataset's (the loader checks)."""
-    once_per_node(world, lambda: ensure_prepared(config.dataset, start.tokenizer),
-                  what=f"prepare dataset {config.dataset}",
-                  fix=f"prepare it before torchrun: python data/prepare.py {config.dataset}")  # fmt: skip
+    once_per_node(
+        world,
+        lambda: ensure_prepared(config.dataset, start.tokenizer),
+        what=f"prepare dataset {config.dataset}",
+        fix=f"prepare it before torchrun: python data/prepare.py {config.dataset}",
+    )
     if start.kind != "scratch":
         return start.tokenizer
     tokenizer = dataset_tokenizer(DATA_ROOT / config.dataset)
@@ -333,8 +363,9 @@ def place_model(model: Gemma3Model, config: TrainingConfig, device: torch.device
     return (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()), precision_note
 
 
-def training_models(model: Gemma3Model, compile: bool, world: Distributed,
-                    device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
+def training_models(
+    model: Gemma3Model, compile: bool, world: Distributed, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(what trains, what evaluates): compiled if asked; what trains is DDP-wrapped under torchrun, what evaluates
     never is (rank 0 evaluates alone). DDP goes inside torch.compile, not around it: dynamo then cuts the graph at
     DDP's gradient buckets, so each bucket's all-reduce starts while the backward of earlier layers goes on. A
@@ -415,8 +446,11 @@ def check_loss(run: Run, loss: float) -> None:
     if not math.isfinite(loss):
         raise TrainingError(diverged_message(run, f"the loss is {loss} at iteration {iteration}"))
     if ema is not None and loss > SPIKE_RATIO * ema and loss > ema + SPIKE_NATS:
-        raise TrainingError(diverged_message(run, f"the loss spiked to {loss:.4g} at iteration {iteration}, against "
-                                                  f"a running mean of {ema:.4g}"))  # fmt: skip
+        raise TrainingError(
+            diverged_message(
+                run, f"the loss spiked to {loss:.4g} at iteration {iteration}, against a running mean of {ema:.4g}"
+            )
+        )
     run.loss_ema = loss if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * loss
 
 
@@ -432,11 +466,15 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
     """Refuse a resume whose settings differ from the checkpoint's where that would silently change the run."""
     previous, where = checkpoint["training_config"], Path(config.out_dir) / "latest.pt"
     if config.max_iters <= checkpoint["iter_num"]:
-        raise ConfigError(f"{where} is at iteration {checkpoint['iter_num']} and max_iters is {config.max_iters}: "
-                          "nothing to train; raise --max_iters to continue")  # fmt: skip
+        raise ConfigError(
+            f"{where} is at iteration {checkpoint['iter_num']} and max_iters is {config.max_iters}: "
+            "nothing to train; raise --max_iters to continue"
+        )
     if config.dataset != previous["dataset"]:
-        raise ConfigError(f"{where} trained on dataset '{previous['dataset']}', this run names '{config.dataset}'; "
-                          f"resume with --dataset={previous['dataset']}, or start a new run")  # fmt: skip
+        raise ConfigError(
+            f"{where} trained on dataset '{previous['dataset']}', this run names '{config.dataset}'; "
+            f"resume with --dataset={previous['dataset']}, or start a new run"
+        )
     optimizer = previous.get("optimizer", "adamw")  # checkpoints from before the setting existed used AdamW
     if config.optimizer != optimizer:
         raise ConfigError(
@@ -446,18 +484,24 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
     origin = checkpoint.get("model_origin", "")
     if origin.endswith(".json"):  # a model config file: it must still describe the checkpoint's model
         if config.model_config != origin:
-            raise ConfigError(f"{where} is a model of {origin}, this run names model_config {config.model_config}; "
-                              f"resume with --model_config={origin}")  # fmt: skip
+            raise ConfigError(
+                f"{where} is a model of {origin}, this run names model_config {config.model_config}; "
+                f"resume with --model_config={origin}"
+            )
         now, saved = ModelConfig.from_json(REPO_ROOT / origin).to_dict(), model.config.to_dict()
         changed = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if saved[k] != v]
         if changed:
-            raise ConfigError(f"{origin} changed since {where} was written ({', '.join(changed)}); restore it, or "
-                              "start a new run with another out_dir")  # fmt: skip
+            raise ConfigError(
+                f"{origin} changed since {where} was written ({', '.join(changed)}); restore it, or "
+                "start a new run with another out_dir"
+            )
     shape = ("batch_size", "block_size", "gradient_accumulation_steps")
     changed = [f"{k} {previous[k]} -> {getattr(config, k)}" for k in shape if previous[k] != getattr(config, k)]
     if changed and not config.allow_batch_change:
-        raise ConfigError(f"{where} trained with other batches ({', '.join(changed)}), so the resume would not be "
-                          "exact; pass --allow_batch_change=true to go on anyway")  # fmt: skip
+        raise ConfigError(
+            f"{where} trained with other batches ({', '.join(changed)}), so the resume would not be "
+            "exact; pass --allow_batch_change=true to go on anyway"
+        )
 
 
 def make_best_consistent(run: Run) -> None:
@@ -472,6 +516,8 @@ def make_best_consistent(run: Run) -> None:
         os.replace(tmp, best)
         tqdm.write(f"note: {best} was stale or missing; restored from latest.pt (iteration {run.iter_num})")
     else:
-        tqdm.write(f"note: {best} (iteration {run.best_iter}) is missing or stale; the next evaluation that improves "
-                   "on the val loss writes a new one")  # fmt: skip
+        tqdm.write(
+            f"note: {best} (iteration {run.best_iter}) is missing or stale; the next evaluation that improves "
+            "on the val loss writes a new one"
+        )
         run.best_val_loss, run.best_iter = math.inf, None
