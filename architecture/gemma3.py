@@ -1,31 +1,33 @@
-"""The Gemma 3 text model, numerically equal to transformers' `Gemma3ForCausalLM` given the same weights.
+"""The Gemma 3 text model, numerically equal to transformers' `Gemma3ForCausalLM` given the same
+weights.
 
 Design choices:
-- Each block is pre- and post-normed around both attention and feed-forward (four RMSNorms), and every RMSNorm
-  is Gemma's: computed in float32 and scaled by (1 + weight), so a zero weight is the identity.
-- Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads (`enable_gqa`:
-  keys and values are not copied per head wherever a fused kernel takes them shared, see attention.py). Queries
-  and keys are RMS-normed per head, then rotated with RoPE whose base depends on the layer's kind (local for
-  sliding, global for full layers).
-- Each layer's kind (`config.layer_attention`: its window, None for full attention, and its RoPE base) is resolved
-  once from `layer_types` and given to its block; the forward computes one RoPE table per base and one mask per
-  window, shared by the layers that use them.
-- Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than the sliding
-  window takes SDPA's causal path in every layer; a longer one builds one sliding mask per forward, shared by all
-  sliding layers (a cached FlexAttention `BlockMask` on data-center GPUs, window-sized blocks for SDPA
-  elsewhere), and full layers keep the causal path. `model.attention_backend` ("auto", "sdpa", "flex")
-  overrides the choice.
-- Training loss without the logits: `model(idx, targets, return_logits=False)` computes the cross-entropy with
-  `loss.linear_cross_entropy`, which never holds the (B*T, vocab) float32 logits whole; the default
-  `return_logits=True` gives `logits, loss = model(idx, targets)`.
-- `model.activation_checkpointing = True` recomputes each block in the backward (torch.utils.checkpoint,
-  non-reentrant) instead of keeping its activations: long blocks (8192 tokens and beyond) fit one GPU.
-- cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does, rather than
-  stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
-- Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is for inference.
-- Generation (generate.py) runs the blocks against a `KVCache` (kv_cache.py) through `last_logits`, handing each
-  attention layer the step's positions, masks and slots (a `CacheStep` value); without a cache the forward is the
-  training forward. `model.generate(...)` is generate.py's `generate`.
+- Each block is pre- and post-normed around both attention and feed-forward (four RMSNorms), and
+  every RMSNorm is Gemma's: computed in float32 and scaled by (1 + weight), so a zero weight is the
+  identity.
+- Attention goes through `F.scaled_dot_product_attention` with multi-query / grouped-query heads
+  (`enable_gqa`: keys and values are not copied per head wherever a fused kernel takes them shared,
+  see attention.py). Queries and keys are RMS-normed per head, then rotated with RoPE.
+- Each layer's kind (`config.layer_attention`: its window, None for full attention, and its RoPE
+  base) is resolved once from `layer_types` and given to its block; the forward computes one RoPE
+  table per base and one mask per window, shared by the layers that use them.
+- Masks and kernels of the uncached forward are chosen in attention.py: a sequence no longer than
+  the window takes SDPA's causal path in every layer; a longer one builds one sliding mask per
+  window (a cached FlexAttention `BlockMask` on data-center GPUs, window-sized blocks for SDPA
+  elsewhere), and full layers keep the causal path. `model.attention_backend` ("auto", "sdpa",
+  "flex") overrides the choice.
+- Training loss without the logits: `model(idx, targets, return_logits=False)` computes the
+  cross-entropy with `loss.linear_cross_entropy`, which never holds the (B*T, vocab) float32 logits
+  whole; the default `return_logits=True` gives `logits, loss = model(idx, targets)`.
+- `model.activation_checkpointing = True` recomputes each block in the backward (non-reentrant
+  torch.utils.checkpoint) instead of keeping its activations: 8192-token blocks fit one GPU.
+- cos/sin tables are computed per forward from float32 inverse frequencies, as transformers does,
+  rather than stored as buffers: a model cast to bfloat16 would otherwise round its frequencies too.
+- Parameters are created in float32 (training keeps float32 master weights); `config.dtype` is the
+  default dtype of sample.py and the exports.
+- Generation (generate.py) runs the blocks against a `KVCache` (kv_cache.py) through `last_logits`,
+  handing each attention layer the step's positions, masks and slots (a `CacheStep` value); without
+  a cache the forward is the training forward. `model.generate(...)` is generate.py's `generate`.
 """
 
 import math
@@ -58,8 +60,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos and sin of shape (T, head_dim) for absolute `positions`, in the half-split layout of transformers."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    """cos and sin (T, head_dim) at absolute `positions`, in transformers' half-split layout."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim
+    inv_freq = 1.0 / (base**exponents)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -72,18 +75,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-query / grouped-query attention of layer `index` (which finds its buffers in a KV cache)."""
+    """Multi-query / grouped-query attention of layer `index` (its buffers' index in a KV cache)."""
 
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.index = index
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_groups, config.head_dim
-        self.q_proj = nn.Linear(config.emb_dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.emb_dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.emb_dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.emb_dim, bias=False)
-        norm = (lambda: RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
-        self.q_norm, self.k_norm = norm(), norm()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_groups
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.emb_dim, q_dim, bias=False)
+        self.k_proj = nn.Linear(config.emb_dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.emb_dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.emb_dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
         self.scale = config.query_pre_attn_scalar**-0.5
 
     def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, step: CacheStep | None = None):
@@ -114,8 +122,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Layer `index`: attention over the tokens `kind` lets each query see, then the feed-forward, each pre- and
-    post-normed."""
+    """Layer `index`: attention over the tokens `kind` lets each query see, then the feed-forward,
+    each pre- and post-normed."""
 
     def __init__(self, config: ModelConfig, index: int, kind: LayerAttention):
         super().__init__()
@@ -133,31 +141,34 @@ class Block(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    """Gemma 3 text model: `logits, loss = model(idx, targets)`; `model.generate(prompt, max_new_tokens, ...)`."""
+    """Gemma 3 text model: `logits, loss = model(idx, targets)`; `model.generate(idx, n)`."""
 
     def __init__(self, config: ModelConfig | dict):
         super().__init__()
-        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
-        cfg = self.config
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_dict(config)
+        self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.blocks = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(cfg.layer_attention))
+        self.blocks = nn.ModuleList(Block(cfg, i, k) for i, k in enumerate(cfg.layer_attention))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.attention_backend = "auto"  # sliding layers past the window: "auto", "sdpa" or "flex" (attention.py)
-        self.activation_checkpointing = False  # recompute blocks in the backward (training forward only)
+        # Sliding layers past the window: "auto", "sdpa" or "flex" (attention.py).
+        self.attention_backend = "auto"
+        # Recompute blocks in the backward (training forward only).
+        self.activation_checkpointing = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # transformers' Gemma 3 init: N(0, 0.02) for every matrix; RMSNorm weights stay zero, i.e. scale 1.
+        # transformers' init: N(0, 0.02) for every matrix; RMSNorm weights stay zero (scale 1).
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @classmethod
     def from_hf(cls, path: str, device: str | torch.device = "cpu") -> "Gemma3Model":
-        """Build a model from a local Hugging Face Gemma 3 text checkpoint directory (safetensors only)."""
+        """A model from a local Hugging Face Gemma 3 text checkpoint directory (safetensors)."""
         from .hf_weights import load_weights_into, read_hf_config
 
         model = cls(ModelConfig.from_hf_dict(read_hf_config(path))).to(device)
@@ -171,26 +182,28 @@ class Gemma3Model(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets != IGNORE_INDEX.
+        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets
+        other than IGNORE_INDEX.
 
-        With a `cache`, `idx` continues the cached sequence (its positions start at `cache.pos`) and is cached.
-        With targets and `return_logits=False`, logits is None and the loss never materialises them whole.
+        With a `cache`, `idx` continues the cached sequence (from position `cache.pos`) and is
+        cached. With targets and `return_logits=False`, logits is None and the loss never
+        materialises them whole.
         """
         hidden = self.final_norm(self._hidden(idx, cache))
         if targets is not None and not return_logits:
-            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            head = self.lm_head.weight
+            loss = linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten())
             return None, loss
         logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            flat_logits = logits.float().view(-1, logits.size(-1))
+            loss = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None) -> torch.Tensor:
-        """Output of the last block, before the final norm. With a cache and no `step`, `idx` continues the cached
-        sequence; a given `step` is the one `cache.step` returned for these tokens (generate.py's decode)."""
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None):
+        """Output of the last block, before the final norm. With a cache and no `step`, `idx`
+        continues the cached sequence; a given `step` is what `cache.step` returned for it."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.context_length:
@@ -199,15 +212,18 @@ class Gemma3Model(nn.Module):
             step = cache.step(T)
         positions = torch.arange(T, device=idx.device) if cache is None else step.positions
         x = self.tok_emb(idx)
-        # transformers rounds the scale to the activation dtype (sqrt(640) becomes 25.25 in bfloat16); so do we.
+        # transformers rounds the scale to the activation dtype (sqrt(640) is 25.25 in bfloat16).
         x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype)
         kinds = set(cfg.layer_attention)
-        rope = {base: rope_cos_sin(positions, cfg.head_dim, base, x.dtype) for base in {k.rope_base for k in kinds}}
-        # Uncached, one mask per window, shared by its layers; full layers are causal (no mask). With a cache, the
-        # step holds the masks.
+        bases = {k.rope_base for k in kinds}
+        rope = {base: rope_cos_sin(positions, cfg.head_dim, base, x.dtype) for base in bases}
+        # Uncached, one mask per window, shared by its layers; full layers are causal (no mask).
+        # With a cache, the step holds the masks.
         windows = {k.window for k in kinds if k.window is not None and cache is None}
-        masks = {window: sliding_mask(T, window, idx.device, self.attention_backend) for window in windows}
-        recompute = self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled()
+        backend = self.attention_backend
+        masks = {window: sliding_mask(T, window, idx.device, backend) for window in windows}
+        recompute = self.activation_checkpointing and cache is None and self.training
+        recompute = recompute and torch.is_grad_enabled()
         for block in self.blocks:
             cos, sin = rope[block.kind.rope_base]
             mask = masks.get(block.kind.window)
@@ -218,14 +234,19 @@ class Gemma3Model(nn.Module):
         return x
 
     def last_logits(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None) -> torch.Tensor:
-        """float32 logits (B, vocab) of the last position of `idx`: all that generation needs (generate.py).
+        """float32 logits (B, vocab) of the last position of `idx`: all that generation needs.
         Without `step`, `idx` continues `cache` (or starts a sequence), as in `forward`."""
         hidden = self._hidden(idx, cache, step)
         return self.lm_head(self.final_norm(hidden[:, -1])).float()
 
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **options
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        **options,
     ) -> torch.Tensor:
-        """`idx` (B, T) with `max_new_tokens` sampled tokens appended: one prefill, then cached decode steps.
-        `options`: top_p, generator, use_cache, decode (generate.py's `generate_stream`)."""
+        """`idx` (B, T) with `max_new_tokens` sampled tokens appended: one prefill, then cached
+        decode steps. `options`: top_p, generator, use_cache, decode (generate.generate_stream)."""
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, **options)

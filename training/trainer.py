@@ -1,13 +1,16 @@
 """The training loop: `train(config)` runs one training job from a `TrainingConfig` to its last checkpoint.
 
-    run = setup_run(config, device, world)            # model, tokenizer, data, optimizer; resumed if asked
+    run = setup_run(config, device, world)            # model_start, prepare_data, place_model, build_optimizer
     while run.iter_num < config.max_iters:
         lr = set_learning_rate(run)                   # linear warmup, cosine decay
-        loss, grad_norm, stop = train_step(run, stop_request)   # micro-batches, clip, AdamW step
+        loss, grad_norm, stop = train_step(run, stop_request)   # micro-batches, clip, optimizer step
         logger.iteration(run, loss, lr, grad_norm)
         evaluate, then checkpoint: run.state_dict()   # every eval_interval, and at the end
 
 Design choices:
+- The device is chosen once, in `train`, from the config and this process's rank. `setup_run` builds the run's
+  parts in named steps, from one `ModelStart` value that says where the model came from (scratch, resume, or a
+  Hugging Face model) and carries what that start brings (its tokenizer, the resumed training state).
 - `Run` holds everything that lives from one iteration to the next; its `state_dict()` is exactly what a
   checkpoint holds, and `load_state_dict()` is exactly what resume restores.
 - Batches are a pure function of (seed, global batch index): rank r of W takes batches r, r + W, ... so W
