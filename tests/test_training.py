@@ -362,3 +362,11 @@ def test_offline_dataset_fails_fast_with_the_data_message(tmp_path):
     )
     assert result.returncode == 2 and "pydocs" in result.stderr and "Traceback" not in result.stderr
     assert time.time() - start < 60
+
+
+def test_config_differences_count_runs_in_lists():
+    from training.run_logger import config_differences
+
+    layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    line = config_differences({"layer_types": layer_types, "n_layers": 6, "qk_norm": True}, {"qk_norm": True})
+    assert line == "layer_types=[5 x sliding_attention, full_attention], n_layers=6"

@@ -27,9 +27,22 @@ from .metrics import MetricsLog, flops_per_token, peak_flops
 
 
 def config_differences(values: dict, defaults: dict) -> str:
-    """`key=value` for every setting that differs from its default, comma-separated."""
-    changed = [f"{key}={value}" for key, value in values.items() if defaults.get(key) != value]
+    """`key=value` for every setting that differs from its default, comma-separated; a list's runs of equal items
+    are counted (layer_types=[5 x sliding_attention, full_attention]) so that the line stays readable."""
+    changed = [f"{key}={compact(value)}" for key, value in values.items() if defaults.get(key) != value]
     return ", ".join(changed) or "none"
+
+
+def compact(value) -> str:
+    if not isinstance(value, list):
+        return str(value)
+    runs = [[value[0], 1]] if value else []
+    for item in value[1:]:
+        if item == runs[-1][0]:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    return "[" + ", ".join(f"{n} x {item}" if n > 1 else str(item) for item, n in runs) + "]"
 
 
 def duration(seconds: float) -> str:
@@ -43,7 +56,6 @@ class NullLogger:
     def start(self, run) -> None: ...
     def iteration(self, run, loss: float, lr: float, grad_norm: torch.Tensor) -> None: ...
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None: ...
-    def note(self, message: str) -> None: ...
     def summary(self, run, stopped: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -145,9 +157,6 @@ class RunLogger(NullLogger):
             + (" (best)" if improved else "")
         )
         self.last = time.perf_counter()  # the next iteration's time excludes evaluation and checkpointing
-
-    def note(self, message: str) -> None:
-        self.write(message)
 
     def summary(self, run, stopped: bool) -> None:
         self.progress.close()

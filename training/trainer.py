@@ -271,7 +271,6 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
             if stopped:
                 if world.is_master and not evaluates:  # an evaluation has just written latest.pt
                     save_checkpoint(run.state_dict(), run.out_dir / "latest.pt")
-                logger.note(f"stopped at iteration {run.iter_num}; continue with --init_from=resume")
                 break
         logger.summary(run, stopped)
     finally:
