@@ -1,33 +1,35 @@
 """Train a Gemma 3 model: `python train.py [--config FILE] [--key=value ...]`.
 
-Reads config/training_config.json (or --config FILE), applies --key=value overrides, and trains; see
-training/config.py for every setting. Multi-GPU: `torchrun --nproc_per_node=N train.py ...`.
+Reads config/training_config.json (or --config FILE), applies --key=value overrides, and trains; `--help` describes
+every setting (training/config.py defines them). Multi-GPU: `torchrun --nproc_per_node=N train.py ...`.
+
+The arguments and the config file are checked before torch and the trainer are imported, which takes seconds (tens
+on a busy CPU): a typo is answered at once.
 """
 
 import argparse
-import dataclasses
 import sys
 
 from data.errors import UserError
-from training.checkpoint import first_line
-from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config
-from training.trainer import train
+from training.config import DEFAULT_TRAINING_CONFIG, load_training_config, settings_help
 
 
 def main() -> None:
-    settings = "\n".join(
-        f"  --{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
-        for f in dataclasses.fields(TrainingConfig)
-    )
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=f"settings (defaults shown; the config file's values override them):\n{settings}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("-h", "--help", action="store_true", help="show every setting, with --config's values")
     parser.add_argument("--config", default=str(DEFAULT_TRAINING_CONFIG), help="training config JSON")
     args, overrides = parser.parse_known_args()
+    if args.help:
+        parser.epilog = settings_help(args.config)
+        parser.print_help()
+        return
     try:
-        train(load_training_config(args.config, overrides))
+        config = load_training_config(args.config, overrides)
+        from training.trainer import train  # torch and the model: only once the arguments are known to be good
+
+        train(config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -37,6 +39,8 @@ def main() -> None:
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
+        from training.checkpoint import first_line  # loaded with the trainer by now
+
         print(
             f"error: out of memory ({first_line(e)}); lower batch_size or block_size. Checkpoints on disk are kept",
             file=sys.stderr,

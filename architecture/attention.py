@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-BACKENDS = ("auto", "sdpa", "flex")
+from .config import ATTENTION_BACKENDS as BACKENDS  # with the config, so a training config is checked without torch
+
 FLEX_GPUS = ((8, 0), (9, 0), (10, 0))  # compute capabilities where "auto" means flex: A100, H100/H200, B200
 
 

@@ -28,6 +28,7 @@ from data.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent  # config paths in JSON files are relative to it
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "config" / "model_config.json"
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # how sliding layers attend past the window: architecture/attention.py
 
 
 class ConfigError(UserError, ValueError):

@@ -2,6 +2,7 @@
 torch.compile, divergence, and the demo's falling loss. Runs are real `train.py` processes on the offline pydocs
 corpus."""
 
+import dataclasses
 import json
 import math
 import os
@@ -169,6 +170,42 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def train_without_torch(*args: str) -> subprocess.CompletedProcess:
+    """train.py with torch made unimportable: an answer without a traceback is one given before torch loads."""
+    code = "import runpy, sys; sys.modules['torch'] = None; runpy.run_path('train.py', run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_arguments_and_config_values_are_refused_before_torch_loads(tmp_path):
+    cases = {
+        ("--config", "nope.json"): "config file not found: nope.json",
+        ("--max_iters=abc",): "--max_iters=abc: expected int",
+        ("--max_iter=3",): "--max_iter: unknown setting; did you mean --max_iters?",
+        ("--threads=-1",): "--threads=-1 (command line): 'threads' must not be negative",
+        ("--config", str(run_config(tmp_path, min_lr=1.0))): "'min_lr' (1.0) is above 'learning_rate' (0.003)",
+    }
+    for args, message in cases.items():
+        result = train_without_torch(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_help_describes_every_setting_with_the_config_files_values():
+    result = train_without_torch("--config", "config/demo.json", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "settings, with the values config/demo.json gives them" in result.stdout
+    lines = {line.split("=")[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  --")}
+    for setting in dataclasses.fields(TrainingConfig):
+        assert lines[f"--{setting.name}"].endswith(setting.metadata["description"])
+    demo = json.loads((REPO / "config" / "demo.json").read_text())
+    assert lines["--max_iters"].startswith(f"  --max_iters={demo['max_iters']} ")
+    assert lines["--threads"].startswith("  --threads=0 ")  # demo.json is silent: the default
+
+    unreadable = train_without_torch("--config", "nope.json", "--help")
+    assert unreadable.returncode == 0, unreadable.stderr
+    assert "the config file cannot be read (config file not found: nope.json)" in unreadable.stdout
+    assert "  --max_iters=4690 " in unreadable.stdout
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
@@ -235,6 +272,20 @@ def test_redirected_log_is_plain_lines_with_config_differences_and_a_summary(str
     summary = output[output.index("finished at iteration 12 of 12") :]
     assert f"best val loss {checkpoint['best_val_loss']:.4f} at iteration {checkpoint['best_iter']}" in summary
     assert f"python sample.py --ckpt {run_dir}" in summary and f"python scripts/plot_loss.py {run_dir}" in summary
+
+
+def test_the_log_says_how_many_cpu_threads_the_run_uses(straight_run, tmp_path):
+    assert "device cpu (1 thread; --threads=N or OMP_NUM_THREADS to change)" in straight_run[1]  # OMP_NUM_THREADS=1
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(run_config(tmp_path, max_iters=1, warmup_steps=0)), "--threads=1"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "device cpu (1 thread; --threads=N or OMP_NUM_THREADS to change)" in result.stdout + result.stderr
 
 
 def test_plot_range_leaves_out_the_first_drop():

@@ -5,8 +5,11 @@ Design choices:
   global batch, whatever the number of processes). max_iters, warmup_steps, eval_interval, log_interval count
   iterations, never micro-batches, so a run's budget in tokens is max_iters x tokens_per_iter whatever the
   accumulation.
+- Each setting is described once, beside its default (`setting`), and `train.py --help` prints that line.
 - The JSON file is loaded with the same strict loader as the model config (unknown keys suggest the closest one,
   types checked). Command-line overrides are parsed by the field's declared type; nothing is `eval`-ed.
+- Imports without torch, so that train.py refuses a bad argument or config file at once rather than after torch's
+  import (seconds, tens of them on a busy CPU); the one check that needs torch, the optimizer's name, comes last.
 """
 
 import dataclasses
@@ -16,52 +19,70 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from architecture.attention import BACKENDS
-from architecture.config import REPO_ROOT, CheckedConfig, ConfigError, Origin, load_dataclass, read_json
-
-from .device import is_device_name
-from .optimizer import OPTIMIZERS
+from architecture.config import (
+    ATTENTION_BACKENDS,
+    REPO_ROOT,
+    CheckedConfig,
+    ConfigError,
+    Origin,
+    load_dataclass,
+    read_json,
+)
 
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
 
+def is_device_name(name: str) -> bool:
+    """Whether `name` is one of the device names this project takes: auto, cuda, cuda:N, mps, cpu (whether it
+    exists on this machine is training/device.py's `select_device`, with torch)."""
+    return name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
+def setting(default: Any, description: str) -> Any:
+    """A `TrainingConfig` field: its default and the one line that `train.py --help` prints for it."""
+    if isinstance(default, list):  # each config gets its own list
+        return field(default_factory=lambda: list(default), metadata={"description": description})
+    return field(default=default, metadata={"description": description})
+
+
 @dataclass
 class TrainingConfig(CheckedConfig):
-    model_config: str = "config/model_config.json"  # model JSON, relative to the repository root
-    dataset: str = "tinystories"  # data/<dataset>/, prepared on first use if it is a known source
-    out_dir: str = "checkpoints/tinystories"  # latest.pt, best.pt, metrics.jsonl, config.json go here
-    init_from: str = "scratch"  # "scratch", "resume" (out_dir/latest.pt), a Hugging Face Gemma 3 directory or hub id
+    model_config: str = setting("config/model_config.json", "model JSON, relative to the repository root")
+    dataset: str = setting("tinystories", "data/<dataset>/, prepared on first use if it is a known source")
+    out_dir: str = setting("checkpoints/tinystories", "latest.pt, best.pt, metrics.jsonl, config.json go here")
+    init_from: str = setting("scratch", "scratch, resume (out_dir/latest.pt), or a Hugging Face Gemma 3 dir or id")
 
-    batch_size: int = 32  # sequences per micro-batch, per process
-    block_size: int = 128  # tokens per sequence
-    gradient_accumulation_steps: int = 32  # micro-batches per iteration, across all processes
-    max_iters: int = 4690  # iterations (optimizer updates)
+    batch_size: int = setting(32, "sequences per micro-batch, per process")
+    block_size: int = setting(128, "tokens per sequence")
+    gradient_accumulation_steps: int = setting(32, "micro-batches per iteration, across all processes")
+    max_iters: int = setting(4690, "iterations (optimizer updates)")
 
-    learning_rate: float = 1e-4  # peak, reached at the end of warmup
-    min_lr: float = 1e-5  # floor of the cosine decay, held after max_iters
-    warmup_steps: int = 100  # iterations of linear warmup from 0
-    optimizer: str = "adamw"  # a name in training/optimizer.py's OPTIMIZERS
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    learning_rate: float = setting(1e-4, "peak, reached at the end of warmup")
+    min_lr: float = setting(1e-5, "floor of the cosine decay, held after max_iters")
+    warmup_steps: int = setting(100, "iterations of linear warmup from 0")
+    optimizer: str = setting("adamw", "a name in training/optimizer.py's OPTIMIZERS")
+    weight_decay: float = setting(0.1, "AdamW's decoupled decay, on the weight matrices only")
+    betas: list[float] = setting([0.9, 0.95], "AdamW's two moment decays")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
 
-    eval_interval: int = 250  # iterations between evaluations (and `latest` checkpoints)
-    eval_iters: int = 50  # batches averaged per split in each evaluation
-    log_interval: int = 10  # iterations between log lines
+    eval_interval: int = setting(250, "iterations between evaluations (and `latest` checkpoints)")
+    eval_iters: int = setting(50, "batches averaged per split in each evaluation")
+    log_interval: int = setting(10, "iterations between log lines")
 
-    overwrite: bool = False  # start a new run in an out_dir that holds one, removing its checkpoints and metrics
-    allow_batch_change: bool = False  # resume with another batch_size / block_size / accumulation (not exact)
+    overwrite: bool = setting(False, "start a new run in an out_dir that holds one, removing its checkpoints")
+    allow_batch_change: bool = setting(False, "resume with another batch_size / block_size / accumulation (not exact)")
 
-    seed: int = 1337
-    device: str = "cuda"  # "auto" (CUDA, then MPS, then the CPU), "cuda", "cuda:N", "mps" or "cpu"
-    dtype: str = "bfloat16"  # bf16 autocast (float32 master weights) where the hardware has bf16, else float32
-    compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # recompute each block in the backward: long block_size in less memory
-    attention_backend: str = "auto"  # sliding layers past the window: auto, sdpa or flex (architecture/attention.py)
+    seed: int = setting(1337, "seeds the model's initialisation and the batches drawn")
+    device: str = setting("cuda", "auto (CUDA, then MPS, then the CPU), cuda, cuda:N, mps or cpu")
+    threads: int = setting(0, "CPU threads torch computes with; 0: torch's choice, which honours OMP_NUM_THREADS")
+    dtype: str = setting("bfloat16", "bf16 autocast (float32 master weights) where the hardware has bf16, else float32")
+    compile: bool = setting(False, "torch.compile the model")
+    activation_checkpointing: bool = setting(False, "recompute each block in the backward: long blocks, less memory")
+    attention_backend: str = setting("auto", "sliding layers past the window: auto, sdpa or flex (attention.py)")
 
-    wandb_log: bool = False
-    wandb_project: str = "gemma3-from-scratch"
-    wandb_run_name: str = ""  # empty: wandb picks one
+    wandb_log: bool = setting(False, "log to Weights & Biases")
+    wandb_project: str = setting("gemma3-from-scratch", "the W&B project")
+    wandb_run_name: str = setting("", "the W&B run's name; empty: wandb picks one")
 
     def validate(self) -> None:
         self._require_positive(
@@ -74,7 +95,9 @@ class TrainingConfig(CheckedConfig):
             "eval_iters",
             "log_interval",
         )
-        self._require_positive("min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", allow_zero=True)
+        self._require_positive(
+            "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "threads", allow_zero=True
+        )
         if self.seed >= 2**63:
             self._fail("seed", message=f"'seed' must be below 2**63, got {self.seed}")
         if self.overwrite and self.init_from == "resume":
@@ -102,15 +125,18 @@ class TrainingConfig(CheckedConfig):
             self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
         if not is_device_name(self.device):
             self._fail("device", message=f"'device' is '{self.device}'; use auto, cuda, cuda:N, mps or cpu")
-        if self.attention_backend not in BACKENDS:
+        if self.attention_backend not in ATTENTION_BACKENDS:
             self._fail(
                 "attention_backend",
-                message=f"'attention_backend' is '{self.attention_backend}'; use one of {', '.join(BACKENDS)}",
+                message=f"'attention_backend' is '{self.attention_backend}'; use one of "
+                f"{', '.join(ATTENTION_BACKENDS)}",
             )
-        if self.optimizer not in OPTIMIZERS:
-            self._fail("optimizer", message=f"'optimizer' is '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
         if not self.dataset or "/" in self.dataset:
             self._fail("dataset", message=f"'dataset' must be a name under data/, got '{self.dataset}'")
+        from .optimizer import OPTIMIZERS  # needs torch: last, so that every other mistake is answered before it loads
+
+        if self.optimizer not in OPTIMIZERS:
+            self._fail("optimizer", message=f"'optimizer' is '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
 
     @property
     def tokens_per_iter(self) -> int:
@@ -161,3 +187,32 @@ def load_training_config(path: str | Path = DEFAULT_TRAINING_CONFIG, overrides: 
     if isinstance(values, dict):
         values.update(given)
     return load_dataclass(TrainingConfig, values, Origin(str(path), frozenset(given)))
+
+
+def settings_help(path: str | Path) -> str:
+    """Every setting as `--key=value  description`, with the value the config file at `path` gives it (the default
+    where the file is silent): what `train.py --help` prints. The file is read, not checked, so that help comes
+    whatever it holds; one line says so when it cannot be read."""
+    try:
+        values = read_json(path)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+        header = f"settings, with the values {path} gives them (the defaults where it is silent):"
+    except ConfigError as e:
+        values, header = {}, f"settings, with their defaults: the config file cannot be read ({e}):"
+    fields = dataclasses.fields(TrainingConfig)
+    flags = [f"--{f.name}={_flag_text(values.get(f.name, _default(f)))}" for f in fields]
+    width = min(max(map(len, flags)), 40)
+    lines = [f"  {flag:<{width}}  {f.metadata['description']}" for flag, f in zip(flags, fields, strict=True)]
+    return "\n".join(
+        [header, *lines, "change any with --key=value (lists in JSON, without spaces: --betas=[0.9,0.99])"]
+    )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _flag_text(value: Any) -> str:
+    """A value as `--key=value` takes it: strings as they are, the rest in JSON (true, 1e-05, [0.9,0.95])."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

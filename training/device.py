@@ -21,17 +21,14 @@ import torch
 
 from data.errors import UserError
 
+from .config import is_device_name
+
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, Arm BF16
 NATIVE_BF16_CUDA_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute bf16
 
 
 class DeviceError(UserError, ValueError):
     """The requested device does not exist here; the message says what does."""
-
-
-def is_device_name(name: str) -> bool:
-    """Whether `name` is one of the device names this project takes: auto, cuda, cuda:N, mps, cpu."""
-    return name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 def select_device(name: str) -> torch.device:

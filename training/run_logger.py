@@ -105,8 +105,12 @@ class RunLogger(NullLogger):
         self.write(f"model: {config_differences(model_config.to_dict(), ModelConfig().to_dict())}")
         n_params = sum(p.numel() for p in run.model.parameters())
         shape = f"{self.config.batch_size} x {self.config.block_size} x {self.config.gradient_accumulation_steps}"
+        device = str(run.device)
+        if run.device.type == "cpu":  # on a shared CPU, fewer threads than cores can run several times faster
+            threads = torch.get_num_threads()
+            device += f" ({threads} thread{'s' * (threads > 1)}; --threads=N or OMP_NUM_THREADS to change)"
         self.write(
-            f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, {run.device}; "
+            f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, device {device}; "
             f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)"
         )
         if run.precision_note:

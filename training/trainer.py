@@ -95,8 +95,8 @@ def resolve_device(config: TrainingConfig) -> torch.device:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             hint = (
                 ". The full 164.7M-parameter model does not train on a CPU in any useful time: run the demo, "
-                "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus, about "
-                "3 minutes on a 2-core CPU), or pass --device=cpu to run this config anyway"
+                "`python train.py --config config/demo.json` (a small model on the offline pystdlib corpus; its "
+                "time on your CPU class: README, Quick start), or pass --device=cpu to run this config anyway"
             )
         raise ConfigError(f"{config.origin.source}: {e}{hint}") from None
 
@@ -247,6 +247,8 @@ def train(config: TrainingConfig) -> dict:
     """Run the training job described by `config`; returns the last evaluation's losses."""
     world = world_from_environment()
     device = rank_device(resolve_device(config), world)  # this process's device, chosen here once
+    if device.type == "cpu" and config.threads:  # else torch's choice: OMP_NUM_THREADS, or one per core
+        torch.set_num_threads(config.threads)
     join_process_group(world, device)
     try:
         return _train(config, device, world)
