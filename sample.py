@@ -21,6 +21,11 @@ Design choices:
 - `--compile` compiles the decode step (`architecture.generate.compile_decode`) and warms it up on the prompt before the
   first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own. A failed
   compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
+- Options, paths and the prompt are checked before torch is imported (seconds when the machine is idle, tens of
+  seconds when it is busy), so a typo is answered at once: the functions that need torch import it themselves.
+- `--threads N` sets torch's CPU threads (default: torch's choice, which honours OMP_NUM_THREADS). On a CPU that
+  other jobs share, fewer threads than cores can decode several times faster (each step waits for its slowest
+  thread), so the last line reports the count.
 """
 
 import argparse
@@ -28,17 +33,17 @@ import itertools
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from architecture import Gemma3Model
 from architecture.config import DTYPES
-from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
-from architecture.int8 import quantize_int8
 from data.errors import UserError
 from data.tokenizer import Tokenizer
-from training.checkpoint import first_line, load_model
-from training.device import DeviceError, native_bf16, select_device
+
+if TYPE_CHECKING:  # imported where they are used, once the arguments are checked
+    import torch
+
+    from architecture import Gemma3Model
+    from architecture.generate import DecodeStep
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 
@@ -69,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--int8", action="store_true", help="int8 weights for the blocks' Linear layers and the head")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inference)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: torch's choice, which honours OMP_NUM_THREADS); on a busy CPU fewer can be faster",
+    )
     args = parser.parse_args(argv)
     rules = [
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -76,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+        (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -83,7 +94,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+def check_source(args: argparse.Namespace) -> None:
+    """Refuse a --ckpt or --hf-dir that is not there before torch is imported; what a path holds is checked when it
+    loads (`training.checkpoint.load_model`)."""
+    if args.ckpt and not Path(args.ckpt).exists():
+        raise SampleError(f"checkpoint not found: {Path(args.ckpt)}")
+    if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
+        raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
+
+
+def resolve_device(name: str, dtype: str) -> "tuple[torch.device, torch.dtype]":
+    import torch
+
+    from training.device import DeviceError, native_bf16, select_device
+
     try:
         device = select_device(name)
     except DeviceError as e:
@@ -106,14 +130,18 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def stream_sample(
-    model: Gemma3Model,
+    model: "Gemma3Model",
     tokenizer: Tokenizer,
     prompt_ids: list[int],
-    args,
-    generator: torch.Generator,
-    decode: DecodeStep,
+    args: argparse.Namespace,
+    generator: "torch.Generator",
+    decode: "DecodeStep",
 ) -> tuple[int, float]:
     """Generate and print one sample; return (new tokens, seconds)."""
+    import torch
+
+    from architecture.generate import generate_stream
+
     device = model.tok_emb.weight.device
     idx = torch.tensor([prompt_ids], device=device)
     context = prompt_ids[-STREAM_CONTEXT:]
@@ -135,9 +163,14 @@ def stream_sample(
     return len(new_ids), time.perf_counter() - start
 
 
-def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_tokens: int) -> DecodeStep | None:
+def compile_and_warm_up(model: "Gemma3Model", prompt_ids: list[int], max_new_tokens: int) -> "DecodeStep | None":
     """The decode step compiled for this generation's cache size (prompt + new tokens), warmed up by decoding two
     tokens; None if it failed to compile (with a note: the step stays uncompiled)."""
+    import torch
+
+    from architecture.generate import compile_decode, generate_stream
+    from training.checkpoint import first_line
+
     decode = compile_decode(model)
     start = time.perf_counter()
     idx = torch.tensor([prompt_ids], device=model.tok_emb.weight.device)
@@ -154,8 +187,20 @@ def compile_and_warm_up(model: Gemma3Model, prompt_ids: list[int], max_new_token
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prompt = read_prompt(args)
-    if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
-        raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
+    check_source(args)
+    generate_samples(args, prompt)
+
+
+def generate_samples(args: argparse.Namespace, prompt: str) -> None:
+    """Load the model, then stream `args.num_samples` continuations of `prompt` and report their speed."""
+    import torch
+
+    from architecture.generate import decode_one_token
+    from architecture.int8 import quantize_int8
+    from training.checkpoint import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.ckpt or args.hf_dir)
     config_dtype = "auto" if model.config.dtype == "bfloat16" else model.config.dtype  # auto: where bf16 is native
     device, dtype = resolve_device(args.device, args.dtype or config_dtype)
@@ -185,9 +230,11 @@ def run(argv: list[str] | None = None) -> None:
     rate = total_tokens / total_seconds if total_seconds else 0.0
     precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"
     precision += ", compiled" if compiled else ""
+    threads = torch.get_num_threads()
+    where = f"{device}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else str(device)
     print(
         f"{int(total_tokens)} tokens in {total_seconds:.2f} s: {rate:.1f} tokens/s "
-        f"({len(prompt_ids)}-token prompt, {device}, {precision})",
+        f"({len(prompt_ids)}-token prompt, {where}, {precision})",
         file=sys.stderr,
     )
 

@@ -5,18 +5,16 @@ train and val losses, and the learning rate on a second axis. Writes RUN/loss.pn
 
 The loss axis shows the part of the curve that matters: its top is the highest loss after the first tenth of the
 iterations (a run starts near ln(vocab), about 11, and would squash the rest flat), its bottom the lowest loss;
-the first points run off the top, and the title says so.
+the first points run off the top, and the title says so. The legend sits below the axes, where it can cover no
+curve whatever the run's shape.
+
+The path is checked before matplotlib and training.metrics (which imports torch) are imported, so a mistyped run
+directory is answered at once.
 """
 
 import argparse
 import sys
 from pathlib import Path
-
-import matplotlib
-
-from training.metrics import read_metrics
-
-matplotlib.use("Agg")  # files only: no display needed (servers, CI)
 
 
 def loss_range(train: list[dict], evals: list[dict]) -> tuple[float, float, int]:
@@ -31,18 +29,30 @@ def loss_range(train: list[dict], evals: list[dict]) -> tuple[float, float, int]
     return low - margin, high + margin, sum(loss > high + margin for _, loss in points)
 
 
+def clipped_note(clipped: int) -> str:
+    """The title's note on the points above the loss axis: none, one, or several."""
+    if clipped == 1:
+        return " (the first point is above the axis)"
+    return f" (the first {clipped} points are above the axis)" if clipped else ""
+
+
 def plot(run_dir: Path, out: Path) -> None:
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: pass a run's out_dir (train.py writes metrics.jsonl there)")
+    from training.metrics import read_metrics
+
     rows = read_metrics(metrics)
     train, evals = [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
     if not train and not evals:
         raise ValueError(f"{metrics} holds no metrics yet")
 
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI)
     import matplotlib.pyplot as plt  # after matplotlib.use: pyplot picks its backend when imported
 
-    fig, loss_axis = plt.subplots(figsize=(9, 5))
+    fig, loss_axis = plt.subplots(figsize=(9, 5), layout="constrained")  # constrained: room for the legend below
     loss_axis.plot([r["iter"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train loss (batch)")
     loss_axis.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss (eval)")
     loss_axis.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
@@ -54,9 +64,8 @@ def plot(run_dir: Path, out: Path) -> None:
     lr_axis.plot([r["iter"] for r in train], [r["lr"] for r in train], "k--", alpha=0.5, label="learning rate")
     lr_axis.set_ylabel("learning rate")
     handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
-    loss_axis.legend(handles, [h.get_label() for h in handles], loc="upper right")
-    loss_axis.set_title(str(run_dir) + (f" (the first {clipped} points are above the axis)" if clipped else ""))
-    fig.tight_layout()
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=len(handles))
+    loss_axis.set_title(str(run_dir) + clipped_note(clipped))
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 

@@ -1,6 +1,7 @@
 """sample.py end to end on a checkpoint made by a few real training steps, and every error it reports."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 import sample
-from architecture import Gemma3Model
+from architecture import REPO_ROOT, Gemma3Model, gguf_export
 from data.tokenizer import gpt2
+from scripts import export_gguf
 from training import device
 from training.checkpoint import load_model, save_checkpoint
 
@@ -107,6 +109,8 @@ def test_cli_streams_greedy_text_and_reports_speed(run_dir):
         "float32",
         "--device",
         "cpu",
+        "--threads",
+        "1",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -119,7 +123,7 @@ def test_cli_streams_greedy_text_and_reports_speed(run_dir):
         new_ids = new_ids[: new_ids.index(EOT_ID)]
     expected = "The model" + decode(new_ids)
     assert result.stdout == f"{expected}\n---------------\n{expected}\n"
-    assert "tokens/s" in result.stderr and "cpu, float32" in result.stderr
+    assert "tokens/s" in result.stderr and "cpu, 1 thread, float32" in result.stderr
 
 
 def test_seeded_sampling_is_reproducible_and_int8_runs(run_dir, capsys):
@@ -157,7 +161,8 @@ def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_native_bf16(monkeypatc
 
 def test_generation_stops_at_end_of_text(run_dir, capsys, monkeypatch):
     tokens = [encode(" one")[0], encode(" two")[0], EOT_ID, encode(" three")[0]]
-    monkeypatch.setattr(sample, "generate_stream", lambda *args, **kwargs: (torch.tensor([[t]]) for t in tokens))
+    generate = sys.modules["architecture.generate"]  # the module: the package's `generate` is the function
+    monkeypatch.setattr(generate, "generate_stream", lambda *args, **kwargs: (torch.tensor([[t]]) for t in tokens))
     out = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "zero")
     assert out.out == "zero one two\n" and out.err.startswith("2 tokens in")
 
@@ -218,11 +223,11 @@ def test_dtype_defaults_to_the_model_configs(run_dir, capsys, monkeypatch, tmp_p
     """Without --dtype, the checkpoint's model config names the dtype; its bfloat16 runs only where native."""
     save_checkpoint(trained_state(gpt2_config(dtype="float16")), tmp_path / "best.pt")
     args = ["--max-new-tokens", "3"]
-    assert "cpu, float16)" in run_main(capsys, "--ckpt", str(tmp_path), *args).err
-    assert "cpu, float32)" in run_main(capsys, "--ckpt", str(tmp_path), *args, "--dtype", "float32").err
+    assert "threads, float16)" in run_main(capsys, "--ckpt", str(tmp_path), *args).err
+    assert "threads, float32)" in run_main(capsys, "--ckpt", str(tmp_path), *args, "--dtype", "float32").err
     for flags, expected in [({"avx512f"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16")]:
         monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: flags)
-        assert f"cpu, {expected})" in run_main(capsys, "--ckpt", str(run_dir), *args).err  # its config: bfloat16
+        assert f"threads, {expected})" in run_main(capsys, "--ckpt", str(run_dir), *args).err  # its config: bfloat16
 
 
 def word_tokenizer(words: list[str]) -> Tokenizer:
@@ -260,3 +265,36 @@ def test_hf_dir_errors(hf_dir, capsys, tmp_path):
     word_tokenizer(["<unk>"] + [f"w{i}" for i in range(400)]).save(str(big / "tokenizer.json"))
     expect_error(capsys, "the model's vocab_size is 300 but its tokenizer (tokenizer.json ", "--hf-dir", str(big))
     expect_error(capsys, "has 401 tokens; the model cannot read", "--ckpt", str(big))
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("sample.py", ["--ckpt", "nope"], "checkpoint not found: nope"),
+        ("sample.py", ["--hf-dir", "nope"], "--hf-dir nope is not a Hugging Face model directory"),
+        ("sample.py", ["--ckpt", "nope", "--top-k", "0"], "--top-k must be >= 1, got 0"),
+        ("sample.py", ["--ckpt", "nope", "--threads", "0"], "--threads must be >= 1, got 0"),
+        ("sample.py", ["--ckpt", ".", "--prompt-file", "nowhere.txt"], "prompt file not found: nowhere.txt"),
+        ("sample.py", ["--ckpt", "nope", "--dtype", "int4"], "invalid choice: 'int4'"),
+        ("scripts/export_hf.py", ["--ckpt", "nope", "--out", "exported/x"], "checkpoint not found: nope"),
+        ("scripts/export_hf.py", ["--ckpt", ".", "--out", "README.md"], "--out README.md exists and is not a direc"),
+        ("scripts/export_gguf.py", ["--hf-dir", "nope", "--out", "x.gguf"], "is not a Hugging Face model directory"),
+        ("scripts/export_gguf.py", ["--ckpt", ".", "--out", "no/x.gguf"], "must be a file in an existing directory"),
+        ("scripts/plot_loss.py", ["nope"], "nope not found: pass a run's out_dir"),
+    ],
+)
+def test_bad_arguments_are_refused_before_torch_is_imported(script, args, message):
+    """Importing torch takes seconds (tens on a busy machine): a typo is answered without it. `-X importtime` lists
+    every module the process imported, so a torch line means the refusal waited for it."""
+    command = [sys.executable, "-X", "importtime", script, *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # this tree's packages, wherever `pip install -e` points
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and message in errors[-1], result.stderr[-2000:]
+    assert "torch" not in imported and "transformers" not in imported
+
+
+def test_export_gguf_names_the_librarys_dtypes():
+    """export_gguf.py names the GGUF types itself, to check --dtype before torch is imported; they are the same."""
+    assert export_gguf.DTYPES == gguf_export.DTYPES

@@ -299,6 +299,14 @@ def test_plot_range_leaves_out_the_first_drop():
     assert clipped == sum(r["loss"] > high for r in train) >= 4
 
 
+def test_plot_title_counts_the_points_above_the_axis_in_words():
+    from scripts.plot_loss import clipped_note
+
+    assert clipped_note(0) == ""
+    assert clipped_note(1) == " (the first point is above the axis)"
+    assert clipped_note(3) == " (the first 3 points are above the axis)"
+
+
 def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     config = run_config(tmp_path)
     process = train_process(config, start_new_session=True)
