@@ -30,6 +30,7 @@ Design choices:
 import argparse
 import contextlib
 import fcntl
+import itertools
 import multiprocessing
 import os
 import sys
@@ -182,20 +183,26 @@ def _build(
     seed: int,
     progress: bool,
 ) -> None:
+    start = time.perf_counter()
+    # Open the source before announcing the tokenizing or touching the old dataset: a Hugging Face dataset downloads
+    # here (saying so), or fails offline with the old dataset left as it was.
+    batches = document_batches(src, val_fraction, seed)
+    first = next(batches, None)
+    batches = itertools.chain([first], batches) if first else iter(())
     # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
     for f in ("meta.json", "train.bin", "val.bin"):
         (out_dir / f).unlink(missing_ok=True)
     tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
     counts = {"train_tokens": 0, "val_tokens": 0}
     docs = 0
-    start = time.perf_counter()
     files = {split: open(path, "wb") for split, path in tmp.items()}
     if progress:
-        print(f"tokenizing {description.get('kind')} into {out_dir} with {tokenizer}, {num_proc} processes", flush=True)
+        source = sources.command_source(description)
+        print(f"tokenizing {source} into {out_dir} with {tokenizer}, {num_proc} processes", flush=True)
     # The bar only on a terminal: in a redirected log it would be hundreds of frames.
     bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress or None, smoothing=0)
     try:
-        for n, (train, val) in tokenize_stream(document_batches(src, val_fraction, seed), num_proc, tokenizer):
+        for n, (train, val) in tokenize_stream(batches, num_proc, tokenizer):
             train.tofile(files["train"])
             val.tofile(files["val"])
             counts["train_tokens"] += len(train)

@@ -8,7 +8,8 @@ Design choices:
 - Documents are generated lazily, one at a time, so a corpus never has to fit in memory.
 - Hugging Face loads fail fast offline: when huggingface.co does not answer a 2 s probe, the hub
   is switched to offline mode (cached datasets still load) instead of retrying for minutes, and
-  the error names the offline corpora.
+  the error names the offline corpora. A load first says where it reads from (the hub, or the local cache alone),
+  so that the first line a user sees is what happens.
 - Built-in corpora are one table, `KNOWN` at the end of this module: name -> `BuiltIn` (the function that makes
   the Source, and the description entries that recognise a dataset prepared from it). `resolve`, `default_name`,
   `command_source`, prepare's help, training's prepare-on-first-use and the "not prepared" message all read it,
@@ -175,9 +176,13 @@ def huggingface(
     """A Hugging Face dataset; val is `val_split`, or a held-out fraction of `split` when None."""
 
     def documents() -> Iterator[tuple[str, str | None]]:
-        yield from _hf_texts(dataset, config, split, text_field, streaming, "train" if val_split else None)
+        offline = hub_offline()
+        splits = f"splits {split} and {val_split}" if val_split else f"split {split}"
+        where = "the local cache alone (offline)" if offline else "the Hugging Face hub (or its local cache)"
+        print(f"loading {dataset} ({splits}) from {where}", flush=True)
+        yield from _hf_texts(dataset, config, split, text_field, streaming, "train" if val_split else None, offline)
         if val_split:
-            yield from _hf_texts(dataset, config, val_split, text_field, streaming, "val")
+            yield from _hf_texts(dataset, config, val_split, text_field, streaming, "val", offline)
 
     description = {
         "kind": "huggingface",
@@ -190,13 +195,20 @@ def huggingface(
     return Source(description, documents)
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face loads must use the local cache alone: HF_HUB_OFFLINE is set, or huggingface.co does
+    not answer the probe (which then sets HF_HUB_OFFLINE, so that the libraries do not retry for minutes)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if host_reachable("huggingface.co"):
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return True
+
+
 def _hf_texts(
-    dataset: str, config: str | None, split: str, text_field: str, streaming: bool, tag: str | None
+    dataset: str, config: str | None, split: str, text_field: str, streaming: bool, tag: str | None, offline: bool
 ) -> Iterator[tuple[str, str | None]]:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if not offline and not host_reachable("huggingface.co"):
-        offline = True
-        os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
     import huggingface_hub.constants
 

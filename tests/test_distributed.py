@@ -48,6 +48,7 @@ def once_per_node_worker(rank: int, port: int, work_seconds: float, out_dir: str
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("work_seconds, port", [(0.5, 29741), (4.0, 29742)], ids=["in-time", "too-slow"])
 def test_other_ranks_wait_for_the_node_work_then_give_up_in_one_line(tmp_path, work_seconds, port):
     mp.spawn(once_per_node_worker, args=(port, work_seconds, str(tmp_path)), nprocs=2)

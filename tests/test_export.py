@@ -88,6 +88,7 @@ def test_export_script_error_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pt'}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "qk_norm, out, fragment",
     [

@@ -46,6 +46,7 @@ def straight(tmp_path_factory) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_out_dir_is_refused_and_the_first_goes_on(tmp_path):
     config = run_config(tmp_path, max_iters=400, eval_interval=2)
     first = train_process(config, start_new_session=True)
@@ -68,6 +69,7 @@ def test_second_run_on_the_same_out_dir_is_refused_and_the_first_goes_on(tmp_pat
     assert [r["iter"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_identical_losses(straight, tmp_path):
     config = run_config(tmp_path, eval_interval=3)
     process = train_process(config, start_new_session=True)
@@ -79,6 +81,7 @@ def test_sigterm_then_resume_gives_identical_losses(straight, tmp_path):
     assert losses(tmp_path / "run") == losses(straight)
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_then_resume(straight, tmp_path):
     config = run_config(tmp_path, eval_interval=3)
     process = train_process(config, start_new_session=True)
@@ -95,6 +98,7 @@ def test_torn_metrics_line_then_resume(straight, tmp_path):
     assert losses(tmp_path / "run") == losses(straight)
 
 
+@pytest.mark.slow
 def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight, tmp_path):
     config = run_config(tmp_path, eval_interval=3, max_iters=12)
     process = train_process(config, start_new_session=True)
@@ -110,6 +114,7 @@ def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight, tmp_path)
     assert train_rows == sorted(losses(straight).items())  # one history, each iteration once
 
 
+@pytest.mark.slow
 def test_crash_between_latest_and_best_then_resume(tmp_path):
     config = run_config(tmp_path, eval_interval=3, max_iters=6)
     run_train(config)
@@ -139,6 +144,7 @@ def test_loss_spike_stops_before_saving_and_names_the_good_checkpoint(tmp_path):
     assert max(r["loss"] for r in rows if r["iter"] <= good["iter_num"]) < 3 * rows[0]["loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -157,6 +163,7 @@ def test_resume_mismatches_are_refused(tmp_path, args, fragments):
     assert snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_refused(tmp_path):
     config = run_config(tmp_path, eval_interval=3, max_iters=3)
     run_train(config)
@@ -175,6 +182,7 @@ def test_resume_with_another_optimizer_is_refused(tmp_path):
     assert snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_resume_after_the_model_config_file_changed_and_an_allowed_batch_change(tmp_path):
     config = run_config(tmp_path, eval_interval=3, max_iters=3)
     run_train(config)
@@ -199,6 +207,7 @@ def tmpfs(path: Path, size: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_full_disk_on_checkpoint_and_prepare(tmp_path):
     disk = tmpfs(tmp_path / "small", "4m")  # the tiny model's checkpoint with its AdamW state is about 20 MB
     try:
@@ -236,6 +245,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_refusals_that_touch_nothing(tmp_path):
     config = run_config(tmp_path)
     cases = bad_input_cases(tmp_path)
@@ -258,6 +268,7 @@ def test_bad_inputs_are_one_line_refusals_that_touch_nothing(tmp_path):
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_datasets_are_refused_at_start(tmp_path):
     config = run_config(tmp_path)
     run_dir = tmp_path / "run"
@@ -291,6 +302,7 @@ def test_bad_checkpoints_and_datasets_are_refused_at_start(tmp_path):
             (data / name).rmdir()
 
 
+@pytest.mark.slow
 def test_prompt_file_that_is_not_utf8(straight, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"caf\xe9")

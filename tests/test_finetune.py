@@ -96,6 +96,7 @@ def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
     # Prepared with the model directory's tokenizer: <bos> before each document, <eos> after.
     tokenizer = load_tokenizer(gemma_dir)
@@ -161,6 +162,7 @@ def expect_refusal(result: subprocess.CompletedProcess, *fragments: str) -> None
         assert fragment in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_refusals(gemma_dir, gemma_dataset, tmp_path):
     tokenizer = load_tokenizer(gemma_dir)
     corpus = tmp_path / "corpus.jsonl"

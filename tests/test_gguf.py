@@ -158,6 +158,7 @@ def test_export_command_writes_a_checkpoint(tmp_path, model):
     )
 
 
+@pytest.mark.slow
 def test_export_command_defaults_to_the_model_configs_dtype(tmp_path, model):
     save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "m.pt")
     result = run_export("--ckpt", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.gguf"))
@@ -176,6 +177,7 @@ def word_level_directory(path: Path, model) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make, fragment",
     [

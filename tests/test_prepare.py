@@ -135,6 +135,23 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert err.startswith("error: no .txt or .jsonl files") and err.count("\n") == 1
 
 
+def test_first_line_says_what_prepare_does(corpus, tmp_path, monkeypatch, capsys):
+    """Offline, a Hugging Face source says it looks in the local cache and fails, without claiming to tokenize; a
+    source that opens is named in the tokenizing line; a source that fails leaves the old dataset as it was."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["nobody-here/no-such-dataset", "--data-root", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "loading nobody-here/no-such-dataset (split train) from the local cache alone (offline)\n"
+    assert err.startswith("error: cannot load Hugging Face dataset 'nobody-here/no-such-dataset'")
+    tiny = ["--name", "tiny", "--data-root", str(tmp_path), "--num-proc", "1", "--val-fraction", "0.25"]
+    assert main([str(corpus), *tiny]) == 0
+    assert capsys.readouterr().out.startswith(f"tokenizing {corpus} into {tmp_path / 'tiny'} with ")
+    meta = read_meta(tmp_path / "tiny")
+    assert main([str(corpus), *tiny, "--text-field", "body", "--force"]) == 2
+    assert "no string field 'body'" in capsys.readouterr().err
+    assert read_meta(tmp_path / "tiny") == meta
+
+
 def test_default_names():
     assert default_name("pydocs") == "pydocs"
     assert default_name("HuggingFaceFW/fineweb-edu") == "fineweb-edu"

@@ -307,6 +307,7 @@ def test_plot_title_counts_the_points_above_the_axis_in_words():
     assert clipped_note(3) == " (the first 3 points are above the axis)"
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     config = run_config(tmp_path)
     process = train_process(config, start_new_session=True)
@@ -322,6 +323,7 @@ def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     assert losses(tmp_path / "run") == losses(straight_run[0])  # bit-identical, iteration by iteration
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "compile, port, tolerance", [(False, 29731, 1e-5), (True, 29732, 1e-4)], ids=["eager", "compiled"]
 )
@@ -349,6 +351,7 @@ def test_two_process_ddp_matches_one_process(straight_run, tmp_path, compile, po
         assert ddp[iteration] == pytest.approx(single[iteration], rel=tolerance), iteration
 
 
+@pytest.mark.slow
 def test_compiled_run_matches_eager(straight_run, tmp_path):
     """`--compile=true` through inductor (the blocked sliding layers and the chunked loss included): same losses."""
     output = run_train(run_config(tmp_path), "--compile=true")
@@ -375,6 +378,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in good["model"].values())
 
 
+@pytest.mark.slow
 def test_demo_config_loss_falls(tmp_path):
     output = run_train(
         REPO / "config" / "demo.json",
@@ -391,6 +395,7 @@ def test_demo_config_loss_falls(tmp_path):
     assert [r for r in rows if r["kind"] == "eval"][-1]["val_loss"] < 9.0
 
 
+@pytest.mark.slow
 def test_wandb_offline_and_loss_plot(tmp_path):
     config = run_config(tmp_path, max_iters=4, eval_interval=2, wandb_log=True, wandb_run_name="test")
     process = train_process(config, env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
