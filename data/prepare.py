@@ -187,7 +187,11 @@ def _build(
     # Open the source before announcing the tokenizing or touching the old dataset: a Hugging Face dataset downloads
     # here (saying so), or fails offline with the old dataset left as it was.
     batches = document_batches(src, val_fraction, seed)
-    first = next(batches, None)
+    try:
+        first = next(batches, None)
+    except OSError as e:  # a source file that cannot be read
+        where = e.filename or sources.command_source(description)
+        raise DataError(f"cannot read {where} ({e.strerror or e}); {out_dir} was left as it was") from None
     batches = itertools.chain([first], batches) if first else iter(())
     # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
     for f in ("meta.json", "train.bin", "val.bin"):
