@@ -98,7 +98,10 @@ def autocast_dtype(device: torch.device, requested: str) -> tuple[torch.dtype | 
             "Ampere and later); training in float32"
         )
     if device.type == "cpu":
-        return None, "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32"
+        return None, (
+            "note: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16); training in float32, about half as "
+            "fast as bf16 autocast on a CPU that has it (the demo's time per CPU class: README, Quick start)"
+        )
     if mps_supports("autocast_bf16"):
         return torch.bfloat16, None
     return None, "note: this torch has no bf16 autocast on MPS; training in float32"
