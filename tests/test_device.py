@@ -100,13 +100,18 @@ def test_cuda_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capabili
     assert autocast_dtype(torch.device("cuda"), "float32") == (None, None)
 
 
-def test_tf32_only_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    allow_tf32(torch.device("cpu"))
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    allow_tf32(torch.device("cuda", 1))
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+def test_tf32_only_on_cuda():
+    # Saved and restored by hand: the matmul flag is a property of torch's cuBLAS module object, which pytest 9.2's
+    # monkeypatch sees as absent and so deletes at undo.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        allow_tf32(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        allow_tf32(torch.device("cuda", 1))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_mps_guards_fall_back_when_the_probe_fails(monkeypatch):
