@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -110,6 +111,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except ValueError as e:  # a duplicate key: JSON allows it, but the first value would be silently lost
         raise ConfigError(f"{path}: {e}; keep one") from None
+    except RecursionError:  # json's parser recurses once per bracket: thousands of them exhaust Python's stack
+        raise ConfigError(f"{path}: brackets nested too deeply to read; a config is an object of settings") from None
 
 
 @dataclass
@@ -244,6 +247,31 @@ class ModelConfig(CheckedConfig):
                 )
         if self.dtype not in DTYPES:
             self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use one of {', '.join(DTYPES)}")
+        self._require_fits_in_memory()
+
+    def _require_fits_in_memory(self) -> None:
+        """Refuse a model whose weights alone, even in bfloat16 (2 bytes each), exceed this machine's memory: building
+        it could only fail, after torch's import, as an out-of-memory error that wrongly suggests a smaller batch."""
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        needed = 2 * self.parameter_count
+        if needed > memory:
+            embedding = self.vocab_size * self.emb_dim * (1 if self.tie_embeddings else 2)
+            fields = ("vocab_size", "emb_dim") if 2 * embedding > self.parameter_count else ("n_layers", "hidden_dim")
+            sizes = ", ".join(f"'{name}' {getattr(self, name):,}" for name in fields)
+            self._fail(
+                *fields,
+                message=f"{sizes} make a model of {self.parameter_count:,} parameters, whose weights alone need "
+                f"{needed / 2**30:,.0f} GiB even in bfloat16; this machine has {memory / 2**30:,.0f} GiB of memory",
+            )
+
+    @property
+    def parameter_count(self) -> int:
+        """The model's parameters, counted from the config (Gemma3Model's layers, without building it)."""
+        embeddings = self.vocab_size * self.emb_dim * (1 if self.tie_embeddings else 2)
+        attention = self.emb_dim * self.head_dim * 2 * (self.n_heads + self.n_kv_groups)
+        norms = 4 * self.emb_dim + (2 * self.head_dim if self.qk_norm else 0)
+        mlp = 3 * self.emb_dim * self.hidden_dim
+        return embeddings + self.n_layers * (attention + norms + mlp) + self.emb_dim
 
     @property
     def layer_attention(self) -> list[LayerAttention]:

@@ -22,6 +22,7 @@ import torch
 
 from data.errors import DataError
 from data.meta import read_meta, token_file_mismatch, tokenizer_mismatch
+from data.sources import command_source
 from data.tokenizer import Tokenizer
 
 __all__ = ["BatchLoader"]
@@ -61,6 +62,7 @@ class BatchLoader:
         if mismatch:
             raise DataError(f"{mismatch}; rebuild with --force")
         self.num_tokens = meta[f"{split}_tokens"]
+        self.rebuild = f"python data/prepare.py {command_source(meta['source'])} --name {Path(data_dir).name} --force"
         if self.num_tokens < block_size + 1:
             raise DataError(
                 f"{self.path} has {self.num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
@@ -74,7 +76,7 @@ class BatchLoader:
         starts = torch.randint(self.num_tokens - self.block_size, size, generator=self.generator)[self.rank]
         # A fresh memmap per batch: a long-lived one keeps every page it touched mapped, and the
         # process's resident memory grows towards the file size (nanoGPT does the same).
-        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        data = self._token_file()
         windows = np.stack([data[s : s + self.block_size + 1] for s in starts.tolist()])
         del data
         if windows.max() >= self.vocab_size:
@@ -84,6 +86,21 @@ class BatchLoader:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def _token_file(self) -> np.memmap:
+        """The token file, mapped afresh. One emptied, truncated or rewritten by another prepare since the loader
+        opened it is a DataError naming the file and the command that rebuilds it, not numpy's error from inside a
+        batch. (A file cut during the microseconds of a read is beyond any check: the OS kills the process.)"""
+        try:
+            data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        except (OSError, ValueError):  # removed, or emptied: numpy cannot map an empty file
+            data = np.empty(0, dtype=self.dtype)
+        if len(data) != self.num_tokens:
+            raise DataError(
+                f"{self.path} changed under the run: it holds {len(data)} tokens, {self.num_tokens} when the run "
+                f"started; rebuild it ({self.rebuild}), then resume from the last checkpoint"
+            )
+        return data
 
     def state_dict(self) -> dict:
         """Position in the random stream; tensors, ints and strs only (torch.load weights_only=True)."""

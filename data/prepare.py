@@ -53,6 +53,17 @@ BATCH_CHARS = 1 << 20  # a megabyte of text per task: big enough that the pool's
 _tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
 
 
+def check_dataset_name(name: str) -> None:
+    """Refuse a dataset name that is not a plain new directory under data/: empty, a path, hidden (`.`, `..`), or
+    one of the package's own folders or files. Training checks its `dataset` setting with this too, so that it never
+    suggests a prepare command that prepare would refuse."""
+    own = name in ("assets", "__pycache__") or name.endswith(".py")
+    if not name or name != Path(name).name or name.startswith(".") or own:
+        raise DataError(
+            f"invalid dataset name {name!r}: use a plain directory name (not hidden, not assets, __pycache__ or *.py)"
+        )
+
+
 def _use_tokenizer(tokenizer: Tokenizer) -> None:
     global _tokenizer
     _tokenizer = tokenizer
@@ -139,8 +150,7 @@ def prepare(
 ) -> Path:
     """Tokenize source into `data_root/name/` and return that directory; a no-op when up to date."""
     name = name or sources.default_name(source)
-    if not name or name != Path(name).name or name.startswith(".") or name == "assets":
-        raise DataError(f"invalid dataset name {name!r}: use a plain directory name other than assets")
+    check_dataset_name(name)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     src = sources.resolve(source, text_field, split, val_split, config, streaming)

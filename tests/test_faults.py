@@ -159,7 +159,8 @@ def test_resume_mismatches_are_refused(tmp_path, args, fragments):
     config = run_config(tmp_path, eval_interval=3, max_iters=3)
     run_train(config)
     before = snapshot(tmp_path / "run")
-    refused(config, "--init_from=resume", "--max_iters=6", *args, fragments=fragments)
+    given = {"--max_iters": "6"} | dict(arg.split("=", 1) for arg in args)  # a flag given twice would be refused
+    refused(config, "--init_from=resume", *(f"{key}={value}" for key, value in given.items()), fragments=fragments)
     assert snapshot(tmp_path / "run") == before
 
 
@@ -314,3 +315,86 @@ def test_prompt_file_that_is_not_utf8(straight, tmp_path):
         timeout=120,
     )
     expect_refusal(result.stderr, result.returncode, f"prompt file {prompt} is not UTF-8 text")
+
+
+# --- settings accepted then misbehaving, resume that changes the run, data changed under a run ----------------------
+
+
+def test_values_that_would_misbehave_are_one_line_refusals(tmp_path):
+    config = run_config(tmp_path)
+    huge = tmp_path / "huge_model.json"
+    huge.write_text(json.dumps({**TINY_MODEL, "vocab_size": 10**12}))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    cases = [
+        (["--max_iters=5", "--max_iters=6"], ("--max_iters=5 and --max_iters=6 both set 'max_iters'",)),
+        (["--seed", "-5"], ("cannot read argument '--seed'", "--key=value")),
+        (["--seed=-5"], ("--seed=-5 (command line)", "'seed' must not be negative")),
+        ([f"--model_config={huge}"], (str(huge), "'vocab_size' 1,000,000,000,000, 'emb_dim' 32", "GiB of memory")),
+        (["--dataset=.."], ("--dataset=.. (command line)", "invalid dataset name '..'")),
+        (["--dataset=assets"], ("invalid dataset name 'assets'",)),
+        (["--dataset=__pycache__"], ("invalid dataset name '__pycache__'",)),
+    ]
+    before = snapshot(tmp_path)
+    for args, fragments in cases:
+        refused(config, *args, fragments=fragments)
+    output = subprocess.run(
+        [sys.executable, "train.py", "--config", str(deep)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    expect_refusal(output.stderr, output.returncode, str(deep), "nested too deeply")
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_start_is_one_line_and_releases_the_out_dir(tmp_path):
+    config = run_config(tmp_path, wandb_log=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    refused(config, env=env, fragments=("wandb cannot start a run", "wandb login", "--wandb_log=false"))
+    no_wandb = tmp_path / "no_wandb" / "wandb"
+    no_wandb.mkdir(parents=True)
+    (no_wandb / "__init__.py").write_text("raise ImportError('no wandb here')")
+    env["PYTHONPATH"] = str(no_wandb.parent)
+    # Run again on the same out_dir: the first run's lock was released (else: "in use by another run").
+    refused(config, env=env, fragments=("wandb is not installed", "--wandb_log=false"))
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # no metrics, no checkpoint
+
+
+@pytest.mark.slow
+def test_resume_with_another_recipe_is_refused_unless_meant(tmp_path):
+    config = run_config(tmp_path, eval_interval=3, max_iters=3)
+    run_train(config)
+    before = snapshot(tmp_path / "run")
+    for args, fragment in [
+        (["--learning_rate=0.01"], "learning_rate 0.003 -> 0.01"),
+        (["--seed=7"], "seed 1337 -> 7"),
+        (["--betas=[0.9,0.99]"], "betas [0.9, 0.95] -> [0.9, 0.99]"),
+        (["--dtype=bfloat16", "--warmup_steps=1"], "warmup_steps 2 -> 1, dtype float32 -> bfloat16"),
+    ]:
+        fragments = ("trained with another recipe", fragment, "--allow_recipe_change=true")
+        refused(config, "--init_from=resume", "--max_iters=6", *args, fragments=fragments)
+    assert snapshot(tmp_path / "run") == before
+    output = run_train(config, "--init_from=resume", "--max_iters=6", "--min_lr=0.0001", "--allow_recipe_change=true")
+    assert "note: resuming with another recipe on purpose: min_lr 0.0003 -> 0.0001" in output
+    assert "note: max_iters 3 -> 6: the cosine decay now ends at iteration 6" in output
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] == 6
+
+
+@pytest.mark.slow
+def test_train_bin_truncated_mid_run_is_one_line_and_the_checkpoint_stays(tmp_path):
+    pydocs, dataset = ensure_prepared("pydocs", gpt2()), REPO / "data" / "pytest-truncated"
+    dataset.mkdir(exist_ok=True)
+    try:
+        for name in ("meta.json", "train.bin", "val.bin"):
+            (dataset / name).write_bytes((pydocs / name).read_bytes())
+        config = run_config(tmp_path, dataset=dataset.name, max_iters=400, eval_interval=2)
+        process = train_process(config, start_new_session=True)
+        wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 3, process)
+        with open(dataset / "train.bin", "r+b") as f:
+            f.truncate(1000)  # as a re-prepare, a full disk or a careless `> train.bin` would leave it
+        output, _ = process.communicate(timeout=120)
+        expect_refusal(output, process.returncode, str(dataset / "train.bin"), "--force")  # in a batch or an eval
+        assert load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"] >= 2  # whole, at an iteration boundary
+    finally:
+        for p in dataset.glob("*"):
+            p.unlink()
+        dataset.rmdir()

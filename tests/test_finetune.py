@@ -75,10 +75,9 @@ def gemma_dataset(gemma_dir) -> subprocess.CompletedProcess:
 
 
 def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "--config",
-        "config/finetune.json",
+    """train.py's arguments for a short fine-tune; `extra` flags replace the ones of the same name (train.py refuses a
+    flag given twice)."""
+    flags = [
         f"--init_from={gemma_dir}",
         f"--dataset={DATASET}",
         f"--out_dir={out_dir}",
@@ -94,6 +93,8 @@ def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
         "--log_interval=1",
         *extra,
     ]
+    given = dict(flag.split("=", 1) for flag in flags)
+    return ["train.py", "--config", "config/finetune.json", *(f"{key}={value}" for key, value in given.items())]
 
 
 @pytest.mark.slow

@@ -89,3 +89,21 @@ def test_omitted_keys_take_defaults_and_floats_accept_ints(tmp_path):
     config = ModelConfig.from_json(path)
     assert config.n_layers == 2 and config.emb_dim == 640
     assert isinstance(config.rope_base, float)
+
+
+def test_parameter_count_is_the_models():
+    from architecture import Gemma3Model
+
+    small = {"emb_dim": 32, "hidden_dim": 64, "head_dim": 16, "n_layers": 2, "context_length": 128}
+    small |= {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}
+    for extra in ({}, {"tie_embeddings": True}, {"qk_norm": False, "n_heads": 4, "n_kv_groups": 2}):
+        config = ModelConfig(**small, **extra)
+        assert config.parameter_count == sum(p.numel() for p in Gemma3Model(config).parameters())
+    assert ModelConfig().parameter_count == 164_654_976  # the 164.7M of the README
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_naming_its_sizes():
+    with pytest.raises(ConfigError, match=r"'vocab_size' 1,000,000,000,000, 'emb_dim' 640 make a model of .* GiB"):
+        ModelConfig(vocab_size=10**12)
+    with pytest.raises(ConfigError, match=r"'n_layers' 18, 'hidden_dim' 100,000,000,000 make a model"):
+        ModelConfig(hidden_dim=10**11)

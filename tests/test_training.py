@@ -434,3 +434,31 @@ def test_config_differences_count_runs_in_lists():
     layer_types = ["sliding_attention"] * 5 + ["full_attention"]
     line = config_differences({"layer_types": layer_types, "n_layers": 6, "qk_norm": True}, {"qk_norm": True})
     assert line == "layer_types=[5 x sliding_attention, full_attention], n_layers=6"
+
+
+def test_a_setting_given_twice_is_refused_as_a_duplicate_json_key_is():
+    with pytest.raises(ConfigError, match=r"--max_iters=5 and --max-iters=6 both set 'max_iters'; keep one"):
+        parse_overrides(["--max_iters=5", "--max-iters=6"])
+
+
+def test_dataset_names_follow_prepares_rule(tmp_path):
+    from data.errors import DataError
+    from data.prepare import prepare
+
+    for name in ("..", ".", ".hidden", "assets", "__pycache__", "prepare.py", "a/b", "/tmp", ""):
+        with pytest.raises(ConfigError, match=r"'dataset': invalid dataset name"):
+            TrainingConfig(dataset=name)
+        if name:  # prepare names an empty --name after its source
+            with pytest.raises(DataError, match=r"invalid dataset name"):
+                prepare("pydocs", name, data_root=tmp_path)
+    assert not any(tmp_path.iterdir())
+    TrainingConfig(dataset="my-data_2.v1")
+
+
+def test_deeply_nested_config_is_one_config_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=r"deep.json: brackets nested too deeply to read"):
+        load_training_config(path)
+    with pytest.raises(ConfigError, match=r"expected a JSON list"):
+        parse_overrides(["--betas=" + "[" * 100_000 + "]" * 100_000])

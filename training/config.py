@@ -28,6 +28,8 @@ from architecture.config import (
     load_dataclass,
     read_json,
 )
+from data.errors import DataError
+from data.prepare import check_dataset_name
 
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
 
@@ -71,6 +73,7 @@ class TrainingConfig(CheckedConfig):
 
     overwrite: bool = setting(False, "start a new run in an out_dir that holds one, removing its checkpoints")
     allow_batch_change: bool = setting(False, "resume with another batch_size / block_size / accumulation (not exact)")
+    allow_recipe_change: bool = setting(False, "resume with another learning rate, seed, dtype, ... (not exact)")
 
     seed: int = setting(1337, "seeds the model's initialisation and the batches drawn")
     device: str = setting("cuda", "auto (CUDA, then MPS, then the CPU), cuda, cuda:N, mps or cpu")
@@ -131,8 +134,10 @@ class TrainingConfig(CheckedConfig):
                 message=f"'attention_backend' is '{self.attention_backend}'; use one of "
                 f"{', '.join(ATTENTION_BACKENDS)}",
             )
-        if not self.dataset or "/" in self.dataset:
-            self._fail("dataset", message=f"'dataset' must be a name under data/, got '{self.dataset}'")
+        try:
+            check_dataset_name(self.dataset)
+        except DataError as e:
+            self._fail("dataset", message=f"'dataset': {e}")
         from .optimizer import OPTIMIZERS  # needs torch: last, so that every other mistake is answered before it loads
 
         if self.optimizer not in OPTIMIZERS:
@@ -160,7 +165,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
                 raise ValueError
             return [float(v) for v in values]
         return text
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: a list nested thousands deep
         kind = "a JSON list like [0.9,0.95]" if annotation == list[float] else getattr(annotation, "__name__", "")
         raise ConfigError(f"--{key}={text}: expected {kind}") from None
 
@@ -168,7 +173,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`["--max_iters=100", "--compile=true"]` -> {"max_iters": 100, "compile": True}, typed by TrainingConfig."""
     hints = {f.name: f.type for f in dataclasses.fields(TrainingConfig)}
-    overrides = {}
+    overrides, flags = {}, {}  # flags: the argument that set each key
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"cannot read argument '{arg}': overrides are written --key=value")
@@ -177,7 +182,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             raise ConfigError(f"--{key}: unknown setting" + (f"; did you mean --{close[0]}?" if close else ""))
-        overrides[key] = _parse_value(key, text, hints[key])
+        if key in flags:  # refused as a duplicate JSON key is: one of the two values would be silently lost
+            raise ConfigError(f"{flags[key]} and {arg} both set '{key}'; keep one")
+        overrides[key], flags[key] = _parse_value(key, text, hints[key]), arg
     return overrides
 
 

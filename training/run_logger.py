@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from architecture import ModelConfig
+from data.errors import UserError
 
 from .config import TrainingConfig
 from .metrics import MetricsLog, flops_per_token, peak_flops
@@ -50,6 +51,32 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
+class WandbError(UserError, RuntimeError):
+    """wandb_log is on and wandb cannot start a run; the message says how to log in or turn it off."""
+
+
+def start_wandb(run):
+    """The run's wandb run, started before anything is logged. wandb missing, not logged in or unable to reach its
+    server is one line (a UserError), raised inside `_train`'s try so that the out_dir's lock is released."""
+    fix = "or pass --wandb_log=false"
+    try:
+        import wandb  # only where enabled: it is slow to import
+    except ImportError:
+        raise WandbError(f"wandb_log is true but wandb is not installed: pip install wandb, {fix}") from None
+    try:
+        return wandb.init(
+            project=run.config.wandb_project,
+            name=run.config.wandb_run_name or None,
+            dir=str(run.out_dir),
+            config={"model": run.model.config.to_dict(), "training": run.config.to_dict()},
+        )
+    except wandb.errors.Error as e:  # UsageError (no API key), AuthenticationError, CommError (no network)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WandbError(
+            f"wandb cannot start a run ({reason}): run `wandb login`, set WANDB_MODE=offline, {fix}"
+        ) from None
+
+
 class NullLogger:
     """The logger of ranks other than 0: every call does nothing."""
 
@@ -66,18 +93,8 @@ class RunLogger(NullLogger):
     def __init__(self, run) -> None:
         config: TrainingConfig = run.config
         self.out_dir, self.config = run.out_dir, config
-        wandb_run = None
-        if config.wandb_log:
-            import wandb  # only where enabled: it is slow to import
-
-            wandb_run = wandb.init(
-                project=config.wandb_project,
-                name=config.wandb_run_name or None,
-                dir=str(run.out_dir),
-                config={"model": run.model.config.to_dict(), "training": config.to_dict()},
-            )
-        self.wandb_run = wandb_run
-        self.metrics = MetricsLog(run.out_dir, run.iter_num if config.init_from == "resume" else None, wandb_run)
+        self.wandb_run = start_wandb(run) if config.wandb_log else None  # first: a failure leaves metrics as they were
+        self.metrics = MetricsLog(run.out_dir, run.iter_num if config.init_from == "resume" else None, self.wandb_run)
         tokens_per_process = config.tokens_per_iter / run.world.world_size
         self.flops_per_iter = flops_per_token(run.model, config.block_size) * tokens_per_process
         self.peak = peak_flops(run.device)

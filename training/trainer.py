@@ -258,11 +258,12 @@ def train(config: TrainingConfig) -> dict:
 
 def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> dict:
     run = setup_run(config, device, world)
-    logger = make_logger(run)
-    logger.start(run)
+    logger = NullLogger()  # until make_logger, which starts wandb: its failure, too, releases the lock below
     stop_request = StopRequest()
     losses, stopped = {}, False
     try:
+        logger = make_logger(run)
+        logger.start(run)
         while run.iter_num < config.max_iters:
             lr = set_learning_rate(run)
             loss, grad_norm, stopped = train_step(run, stop_request)
@@ -293,7 +294,9 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     torch.manual_seed(config.seed)
     start = model_start(config)
     if start.resumes:
-        check_resume(config, start.model, start.checkpoint)
+        for note in check_resume(config, start.model, start.checkpoint):
+            if world.is_master:
+                tqdm.write(f"note: {note}")
     if config.block_size > start.model.config.context_length:
         raise ConfigError(
             f"{config.origin.source}: 'block_size' ({config.block_size}) exceeds the model's "
@@ -466,8 +469,15 @@ def diverged_message(run: Run, what: str) -> str:
     return f"{what}: training diverged and stopped without saving; {good}. Lower learning_rate or check the data"
 
 
-def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's where that would silently change the run."""
+# The settings that shape every update after the resume: changed, the run is no longer the one the checkpoint began.
+# (max_iters is not among them: raising it is how a run is extended, and check_resume notes how that bends the
+# cosine schedule; the optimizer and the batch shape have checks of their own.)
+RECIPE = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed", "dtype")
+
+
+def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> list[str]:
+    """Refuse a resume whose settings differ from the checkpoint's where that would silently change the run, unless
+    allowed; return notes on what an allowed change, or a new max_iters, does to the run."""
     previous, where = checkpoint["training_config"], Path(config.out_dir) / "latest.pt"
     if config.max_iters <= checkpoint["iter_num"]:
         raise ConfigError(
@@ -506,6 +516,24 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
             f"{where} trained with other batches ({', '.join(changed)}), so the resume would not be "
             "exact; pass --allow_batch_change=true to go on anyway"
         )
+    # Settings of a checkpoint from before one existed are taken as unchanged.
+    changed = [
+        f"{k} {previous[k]} -> {getattr(config, k)}"
+        for k in RECIPE
+        if previous.get(k, getattr(config, k)) != getattr(config, k)
+    ]
+    if changed and not config.allow_recipe_change:
+        raise ConfigError(
+            f"{where} trained with another recipe ({', '.join(changed)}), so the resume would not continue the "
+            "same run; resume with its values, or pass --allow_recipe_change=true to change them on purpose"
+        )
+    notes = [f"resuming with another recipe on purpose: {', '.join(changed)}"] if changed else []
+    if config.max_iters != previous["max_iters"]:
+        notes.append(
+            f"max_iters {previous['max_iters']} -> {config.max_iters}: the cosine decay now ends at iteration "
+            f"{config.max_iters}, so the learning rate from iteration {checkpoint['iter_num']} on follows the new curve"
+        )
+    return notes
 
 
 def make_best_consistent(run: Run) -> None:
