@@ -30,6 +30,7 @@ Design choices:
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ if TYPE_CHECKING:  # imported where they are used, once the arguments are checke
     from architecture.generate import DecodeStep
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
+# Past context_length each new token costs a forward over the whole window (the cache cannot slide), so a request
+# for many windows of text would run for hours: --max-new-tokens is refused above this many context lengths.
+MAX_WINDOWS = 4
 
 
 class SampleError(UserError, ValueError):
@@ -60,12 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=200, help=f"at most {MAX_WINDOWS} x the model's context_length"
+    )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="0 to 2**64 - 1 (torch's generator seed)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cuda[:N], mps, cpu")
     parser.add_argument(
         "--dtype",
@@ -82,11 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     rules = [
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (0 <= args.temperature < math.inf, f"--temperature must be >= 0 and finite, got {args.temperature}"),
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
         (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (0 <= args.seed < 2**64, f"--seed must be in [0, 2**64 - 1], got {args.seed}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -97,10 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_source(args: argparse.Namespace) -> None:
     """Refuse a --ckpt or --hf-dir that is not there before torch is imported; what a path holds is checked when it
     loads (`training.checkpoint.load_model`)."""
-    if args.ckpt and not Path(args.ckpt).exists():
-        raise SampleError(f"checkpoint not found: {Path(args.ckpt)}")
-    if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
-        raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        if args.ckpt and not Path(args.ckpt).exists():
+            raise SampleError(f"checkpoint not found: {Path(args.ckpt)}")
+        if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
+            raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
+    except OSError as e:  # a name too long, a directory that cannot be searched
+        raise SampleError(f"cannot read {e.filename} ({e.strerror}); nothing was generated") from None
 
 
 def resolve_device(name: str, dtype: str) -> "tuple[torch.device, torch.dtype]":
@@ -118,15 +128,20 @@ def resolve_device(name: str, dtype: str) -> "tuple[torch.device, torch.dtype]":
 
 
 def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text; a --prompt-file that is a directory or a device (/dev/null) is named as what it is."""
     if args.prompt_file is None:
         return args.prompt
     path = Path(args.prompt_file)
-    if not path.is_file():
-        raise SampleError(f"prompt file not found: {path}")
     try:
+        if path.exists() and not path.is_file():
+            raise SampleError(f"prompt file {path} {'is a directory' if path.is_dir() else 'is not a regular file'}")
         return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SampleError(f"prompt file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise SampleError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:  # no permission, a name too long, a path component that is a file
+        raise SampleError(f"cannot read prompt file {path} ({e.strerror}); nothing was generated") from None
 
 
 def stream_sample(
@@ -217,16 +232,27 @@ def generate_samples(args: argparse.Namespace, prompt: str) -> None:
             file=sys.stderr,
         )
         prompt_ids = prompt_ids[-context:]
+    if args.max_new_tokens > MAX_WINDOWS * context:
+        raise SampleError(
+            f"--max-new-tokens {args.max_new_tokens} is more than {MAX_WINDOWS} x context_length ({context}): past "
+            "context_length each token costs a forward over the whole window; generate in several runs"
+        )
     compiled = compile_and_warm_up(model, prompt_ids, args.max_new_tokens) if args.compile else None
     decode = compiled or decode_one_token
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    total_tokens = total_seconds = 0.0
+    total_tokens = total_seconds = longest = 0
     for i in range(args.num_samples):
         if i:
             print("---------------")
         print(tokenizer.decode(prompt_ids) if prompt else "", end="", flush=True)
         tokens, seconds = stream_sample(model, tokenizer, prompt_ids, args, generator, decode)
-        total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
+        total_tokens, total_seconds, longest = total_tokens + tokens, total_seconds + seconds, max(longest, tokens)
+    if len(prompt_ids) + longest > context:  # said after the text, which a note on stderr would cut in two
+        print(
+            f"note: prompt and sample reached {len(prompt_ids) + longest} tokens, past context_length ({context}): "
+            f"each token past it saw only the last {context}",
+            file=sys.stderr,
+        )
     rate = total_tokens / total_seconds if total_seconds else 0.0
     precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"
     precision += ", compiled" if compiled else ""

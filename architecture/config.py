@@ -101,8 +101,9 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON file, turning a missing file or bad syntax into a `ConfigError` that names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():  # a directory or a device such as /dev/null is no config file either: say which
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else None
+        raise ConfigError(f"config file {path} {what}" if what else f"config file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
     except UnicodeDecodeError as e:

@@ -13,11 +13,13 @@ Design choices:
   their result, so HF's BPE applies them in tiktoken's order and both tokenizers give the same ids.
 """
 
+import errno
 import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .hf_weights import hf_names
@@ -31,7 +33,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = 
     out.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     tensors = {hf: params[ours].detach().to("cpu", dtype).contiguous() for ours, hf in hf_names(model).items()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    try:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSError: callers catch one kind of error
+        raise OSError(errno.EIO, str(e).rpartition("I/O error: ")[2], str(out / "model.safetensors")) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the other files follow the umask

@@ -48,6 +48,7 @@ from data.meta import prepare_command, read_meta, token_dtype, token_file_mismat
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
+MAX_PROC = 4 * (os.cpu_count() or 1)  # more tokenizer processes than this only thrash (100,000 would hang)
 BATCH_CHARS = 1 << 20  # a megabyte of text per task: big enough that the pool's per-task cost is noise
 
 _tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
@@ -162,10 +163,14 @@ def prepare(
             raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
         description |= {"val_fraction": val_fraction, "split_seed": seed}
     out_dir = Path(data_root) / name
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with open(out_dir / ".lock", "w") as lock:
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "w")
+    except OSError as e:  # a read-only file system, a path component that is a file, a name too long
+        raise DataError(f"cannot create {e.filename or out_dir} ({e.strerror or e}); nothing was written") from None
+    try:
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not force and _is_current(out_dir, description, tokenizer):
                 print(
@@ -296,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer", default="gpt2", help="gpt2 (default), a tokenizer.json, or a Hugging Face model directory"
     )
-    parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    parser.add_argument(
+        "--num-proc",
+        type=int,
+        default=os.cpu_count(),
+        help=f"tokenizer processes, 1 to {MAX_PROC} (default: all cores)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -311,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     parser.add_argument("--data-root", default=DATA_ROOT, type=Path, help="where <name>/ goes (default: data/)")
     args = parser.parse_args(argv)
+    if not 1 <= args.num_proc <= MAX_PROC:
+        print(f"error: --num-proc must be 1 to {MAX_PROC} (4 x the CPU count), got {args.num_proc}", file=sys.stderr)
+        return 2
     try:
         prepare(
             args.source,
             args.name,
             tokenizer=args.tokenizer,
             data_root=args.data_root,
-            num_proc=max(1, args.num_proc),
+            num_proc=args.num_proc,
             val_fraction=args.val_fraction,
             seed=args.seed,
             text_field=args.text_field,

@@ -6,8 +6,9 @@
 The matrices are in the model config's `dtype` unless `--dtype` says otherwise; norms stay f32.
 Then `llama-cli -m demo.gguf -p "def main():"`, or in Ollama a Modelfile with `FROM ./demo.gguf` (see README).
 
-The arguments are checked before torch is imported (seconds, tens of them on a busy machine), so a mistyped path
-is answered at once.
+An existing --out is replaced only with --force; the file is written whole under a temporary name, then renamed,
+so a failed export (a full disk) leaves what was there. The arguments are checked before torch is imported
+(seconds, tens of them on a busy machine), so a mistyped path is answered at once.
 """
 
 import argparse
@@ -21,15 +22,20 @@ GGUF_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # the mo
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse an --out that cannot be written and a source that is not there; what the source holds is checked
-    when it loads."""
+    """Refuse an --out that cannot be written or is already there (without --force) and a source that is not there;
+    what the source holds is checked when it loads."""
     out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"--out {out} must be a file in an existing directory")
-    if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
-        raise UserError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
-    if args.ckpt and not Path(args.ckpt).exists():
-        raise UserError(f"checkpoint not found: {Path(args.ckpt)}")
+    try:
+        if out.is_dir() or not out.parent.is_dir():
+            raise UserError(f"--out {out} must be a file in an existing directory")
+        if out.exists() and not args.force:
+            raise UserError(f"--out {out} exists; pass --force to replace it, or choose another name")
+        if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
+            raise UserError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
+        if args.ckpt and not Path(args.ckpt).exists():
+            raise UserError(f"checkpoint not found: {Path(args.ckpt)}")
+    except OSError as e:  # a name too long, a directory that cannot be searched
+        raise UserError(f"cannot check {e.filename} ({e.strerror or e}); nothing was written") from None
 
 
 def export(source: str, out: Path, dtype: str | None) -> str:
@@ -37,9 +43,16 @@ def export(source: str, out: Path, dtype: str | None) -> str:
     from architecture.gguf_export import export_gguf
     from training.checkpoint import load_model
 
-    model, tokenizer = load_model(source)
+    try:
+        model, tokenizer = load_model(source)
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename or source} ({e.strerror or e}); nothing was written") from None
     dtype = dtype or GGUF_DTYPES[model.config.dtype]
-    export_gguf(model, tokenizer, out, dtype)
+    try:
+        export_gguf(model, tokenizer, out, dtype)
+    except OSError as e:  # a full disk, a read-only directory: the temporary file is gone, --out as it was
+        kept = f"{out} was left as it was" if out.exists() else "nothing was written"
+        raise UserError(f"cannot write {out} ({e.strerror or e}); {kept}") from None
     return f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {dtype}, tokenizer {tokenizer})"
 
 
@@ -50,13 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument(
         "--hf-dir", help="Hugging Face Gemma 3 directory (config.json, safetensors, tokenizer.json), e.g. exported/demo"
     )
-    parser.add_argument("--out", required=True, help="the .gguf file to write")
+    parser.add_argument("--out", required=True, help="the .gguf file to write (an existing one only with --force)")
     parser.add_argument("--dtype", choices=DTYPES, help="matrices' type (default: the model config's; norms stay f32)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
         check_args(args)
         print(export(args.ckpt or args.hf_dir, Path(args.out), args.dtype))
-    except (UserError, OSError) as e:  # OSError: the file cannot be written (a full disk, no permission)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,11 +8,14 @@ iterations (a run starts near ln(vocab), about 11, and would squash the rest fla
 the first points run off the top, and the title says so. The legend sits below the axes, where it can cover no
 curve whatever the run's shape.
 
-The path is checked before matplotlib and training.metrics (which imports torch) are imported, so a mistyped run
-directory is answered at once.
+--out naming a directory writes DIR/loss.png. An existing file is replaced only when matplotlib wrote it (an
+earlier plot: PNG and SVG say so in their first bytes), or with --force; the plot goes to a temporary file renamed
+when complete, so a failed write (a full disk) leaves what was there. The paths are checked before matplotlib and
+training.metrics (which imports torch) are imported, so a mistyped run directory is answered at once.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,20 +69,54 @@ def plot(run_dir: Path, out: Path) -> None:
     handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
     fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=len(handles))
     loss_axis.set_title(str(run_dir) + clipped_note(clipped))
-    fig.savefig(out, dpi=120)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=out.suffix[1:])
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a read-only directory
+        kept = f"{out} was left as it was" if out.exists() else "nothing was written"
+        raise ValueError(f"cannot write {out} ({e.strerror or e}); {kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out}")
+
+
+def output_path(run: Path, out: Path | None, force: bool) -> Path:
+    """The file to write: RUN/loss.png by default, DIR/loss.png for a directory; refuse to replace a file this
+    script did not write (without --force) and a name without an image type."""
+    try:
+        out = out or (run if run.is_dir() else run.parent)
+        if out.is_dir():
+            out = out / "loss.png"
+        if not out.suffix:
+            raise ValueError(f"--out {out} names no image type: give a file such as {out}.png, or a directory")
+        if not out.parent.is_dir():
+            raise ValueError(f"--out {out}: {out.parent} is not a directory")
+        if out.exists() and not force and not (out.is_file() and b"matplotlib" in out.read_bytes()[:4096].lower()):
+            raise ValueError(f"{out} exists and is not a plot this script wrote; pass --force to replace it")
+    except OSError as e:  # a name too long, a file that cannot be read
+        raise ValueError(f"cannot check {e.filename} ({e.strerror or e}); nothing was written") from None
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run's out_dir, or its metrics.jsonl")
-    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/loss.png)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="image to write (PNG, or the type its suffix names), or a directory for DIR/loss.png (default: "
+        "RUN/loss.png); a file matplotlib did not write is replaced only with --force",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out whatever it holds")
     args = parser.parse_args()
-    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "loss.png"
     try:
-        plot(args.run, out)
+        plot(args.run, output_path(args.run, args.out, args.force))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # reading metrics.jsonl: no permission, a name too long, a path through a file
+        print(f"error: cannot read {e.filename} ({e.strerror or e}); nothing was written", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,5 +1,6 @@
 """Hugging Face export: transformers loads it and computes the same logits; our loader reads back the same tensors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,66 @@ def test_export_script_error_while_writing_is_one_line(tmp_path, qk_norm, out, f
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert fragment in result.stderr, result.stderr
     assert not (tmp_path / "hf").exists()  # refused before anything was written
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def run_export_hf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/export_hf.py", *args], capture_output=True, text=True, timeout=300)
+
+
+def expect_refusal(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_export_script_refuses_a_directory_it_did_not_write_and_reports_what_it_writes(tmp_path):
+    """A directory with other files (a run's out_dir, a user's notes) is refused without --force and left as it was;
+    an earlier export is replaced; the report lists the files written, never the others."""
+    save_checkpoint(trained_state(gpt2_config(dtype="float32")), tmp_path / "run" / "latest.pt")
+    (tmp_path / "run" / ".lock").write_text("")
+    ckpt = str(tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    expect_refusal(run_export_hf("--ckpt", ckpt, "--out", ckpt), "holds files an export does not write (.lock, latest")
+    assert snapshot(tmp_path / "run") == before
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier export's name: replaced
+    result = run_export_hf("--ckpt", ckpt, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    written = "config.json, generation_config.json, merges.txt, model.safetensors, tokenizer.json, "
+    assert result.stdout.endswith(f": {written}tokenizer_config.json, vocab.json\n"), result.stdout
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    expect_refusal(run_export_hf("--ckpt", ckpt, "--out", str(out)), "pass --force to write there anyway")
+    assert snapshot(out) == before
+    result = run_export_hf("--ckpt", ckpt, "--out", str(out), "--force")
+    assert result.returncode == 0 and "notes.txt" not in result.stdout, result.stderr
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+@pytest.mark.slow
+def test_export_script_file_system_errors_are_one_line(tmp_path):
+    """A name too long, a path through a file and a full disk: one line naming --out, and nothing left behind."""
+    from test_faults import tmpfs
+
+    save_checkpoint(trained_state(gpt2_config(dtype="float32")), tmp_path / "m.pt")
+    (tmp_path / "file").write_text("")
+    ckpt = str(tmp_path / "m.pt")
+    expect_refusal(run_export_hf("--ckpt", ckpt, "--out", str(tmp_path / ("x" * 300))), "(File name too long)")
+    expect_refusal(run_export_hf("--ckpt", ckpt, "--out", str(tmp_path / "file" / "hf")), "(Not a directory)")
+    disk = tmpfs(tmp_path / "small", "1m")  # the model alone is 6 MB
+    try:
+        (disk / "hf").mkdir()
+        (disk / "hf" / "config.json").write_text("{}")  # an earlier export, kept when this one cannot be written
+        result = run_export_hf("--ckpt", ckpt, "--out", str(disk / "hf"))
+        expect_refusal(result, f"cannot write {disk / 'hf'} (No space left on device")
+        assert result.stderr.endswith(f"; {disk / 'hf'} was left as it was\n")
+        assert snapshot(disk / "hf") == {"config.json": b"{}"} and sorted(p.name for p in disk.iterdir()) == ["hf"]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

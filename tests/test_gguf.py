@@ -229,3 +229,37 @@ def test_hugging_face_byte_level_bpe_tokenizer(tmp_path):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     for text in varied_strings()[:100]:
         assert bpe.encode(text).ids == tokenizer.encode(text), text
+
+
+def expect_refusal(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_existing_file_is_replaced_only_with_force(tmp_path, model):
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "m.pt")
+    (tmp_path / "m.gguf").write_text("someone's model")
+    (tmp_path / "file").write_text("")
+    ckpt = ["--ckpt", str(tmp_path / "m.pt")]
+    expect_refusal(run_export(*ckpt, "--out", str(tmp_path / "m.gguf")), "exists; pass --force to replace it")
+    expect_refusal(run_export(*ckpt, "--out", str(tmp_path / ("x" * 300))), "(File name too long); nothing was")
+    expect_refusal(run_export(*ckpt, "--out", str(tmp_path / "file" / "m.gguf")), "must be a file in an existing")
+    assert (tmp_path / "m.gguf").read_text() == "someone's model"
+    result = run_export(*ckpt, "--out", str(tmp_path / "m.gguf"), "--force", "--dtype", "q8_0")
+    assert result.returncode == 0 and result.stdout.startswith(f"wrote {tmp_path / 'm.gguf'} ("), result.stderr
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.file_type"] == 7
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_the_old_file(tmp_path, model):
+    from test_faults import tmpfs
+
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "m.pt")
+    disk = tmpfs(tmp_path / "small", "1m")  # the q8_0 file is about 4 MB
+    try:
+        (disk / "m.gguf").write_text("the old export")
+        result = run_export("--ckpt", str(tmp_path / "m.pt"), "--out", str(disk / "m.gguf"), "--force")
+        expect_refusal(result, f"cannot write {disk / 'm.gguf'} (No space left on device); {disk / 'm.gguf'} was left")
+        assert [p.name for p in disk.iterdir()] == ["m.gguf"] and (disk / "m.gguf").read_text() == "the old export"
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -206,3 +206,27 @@ def test_large_vocabulary_gets_uint32_files(tmp_path):
     tokens = np.concatenate([np.fromfile(out / f"{s}.bin", dtype="<u4") for s in ("train", "val")])
     expected = [int(w[1:]) + 1 for d in docs for w in d.split()] + [0] * len(docs)  # the words, and an eos each
     assert tokens.max() > 65_535 and sorted(tokens.tolist()) == sorted(expected)
+
+
+def prepare_command(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "data/prepare.py", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_num_proc_and_data_root_refusals_are_one_line(corpus, tmp_path):
+    """--num-proc outside 1..4 x the CPUs (100,000 once tried to start that many processes), and a --data-root
+    under a file or too long to name: one line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("")
+    limit = 4 * (os.cpu_count() or 1)
+    cases = [
+        (["--num-proc", "0"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got 0"),
+        (["--num-proc", "-3"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got -3"),
+        (["--num-proc", "100000"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got 100000"),
+        (["--data-root", str(tmp_path / "file")], f"cannot create {tmp_path / 'file' / 'c'} (Not a directory)"),
+        (["--data-root", str(tmp_path / ("r" * 300))], "(File name too long); nothing was written"),
+    ]
+    for args, fragment in cases:
+        result = prepare_command(str(corpus), "--name", "c", "--num-proc", "1", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "file"]

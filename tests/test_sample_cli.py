@@ -298,3 +298,47 @@ def test_bad_arguments_are_refused_before_torch_is_imported(script, args, messag
 def test_export_gguf_names_the_librarys_dtypes():
     """export_gguf.py names the GGUF types itself, to check --dtype before torch is imported; they are the same."""
     assert export_gguf.DTYPES == gguf_export.DTYPES
+
+
+def sample_command(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "sample.py", "--device", "cpu", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def expect_one_line_refusal(result: subprocess.CompletedProcess, fragment: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_paths_and_values_that_are_not_what_they_look_like(tmp_path):
+    """A prompt file that is a directory, a device, under a file or too long to name; a temperature that is not
+    finite; a seed torch's generator cannot take: each one line, before torch is imported."""
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--prompt-file", str(tmp_path)], f"prompt file {tmp_path} is a directory"),
+        (["--prompt-file", "/dev/null"], "prompt file /dev/null is not a regular file"),
+        (["--prompt-file", str(tmp_path / "file" / "p.txt")], "(Not a directory); nothing was generated"),
+        (["--prompt-file", str(tmp_path / ("p" * 300))], "(File name too long); nothing was generated"),
+        (["--temperature", "inf"], "--temperature must be >= 0 and finite, got inf"),
+        (["--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2**64 - 1], got 18446744073709551616"),
+        (["--seed", "-5"], "--seed must be in [0, 2**64 - 1], got -5"),
+        ([], "(File name too long); nothing was generated"),  # --ckpt itself too long to name
+    ]
+    for args, fragment in cases:
+        ckpt = str(tmp_path / ("c" * 300)) if not args else "."
+        expect_one_line_refusal(sample_command("--ckpt", ckpt, *args), fragment)
+
+
+def test_too_many_new_tokens_are_refused_and_passing_the_context_is_noted(run_dir, capsys, tmp_path):
+    """--max-new-tokens beyond 4 context lengths would run for hours (each token past the window re-reads all of
+    it): refused once the model's context_length is known. A sample that passes context_length says so at the end."""
+    too_many = sample_command("--ckpt", str(run_dir), "--max-new-tokens", str(10**12))
+    expect_one_line_refusal(too_many, f"--max-new-tokens {10**12} is more than 4 x context_length (64)")
+    short = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "The model", "--max-new-tokens", "3")
+    assert "context_length" not in short.err
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text(TEXT)
+    long = run_main(capsys, "--ckpt", str(run_dir), "--prompt-file", str(prompt_file), "--max-new-tokens", "3")
+    assert "note: prompt and sample reached 67 tokens, past context_length (64)" in long.err

@@ -462,3 +462,43 @@ def test_deeply_nested_config_is_one_config_error(tmp_path):
         load_training_config(path)
     with pytest.raises(ConfigError, match=r"expected a JSON list"):
         parse_overrides(["--betas=" + "[" * 100_000 + "]" * 100_000])
+
+
+def plot_command(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/plot_loss.py", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_plot_out_is_the_file_it_says_and_replaces_only_its_own(tmp_path):
+    """--out DIR writes DIR/loss.png and says so; a file the script did not write is refused without --force; a
+    name too long, a name with no image type and a path through a file are one line each; nothing else changes."""
+    rows = [{"kind": "train", "iter": i, "loss": 10 / i, "lr": 1e-3} for i in range(1, 9)]
+    rows += [{"kind": "eval", "iter": 8, "train_loss": 1.3, "val_loss": 1.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "plots").mkdir()
+    result = plot_command(str(tmp_path), "--out", str(tmp_path / "plots"))
+    assert result.returncode == 0 and result.stdout == f"wrote {tmp_path / 'plots' / 'loss.png'}\n", result.stderr
+    assert plot_command(str(tmp_path), "--out", str(tmp_path / "plots")).returncode == 0  # its own plot: replaced
+
+    (tmp_path / "mine.png").write_bytes(b"\x89PNG\r\n\x1a\n a photo")
+    (tmp_path / "file").write_text("")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for out, fragment in [
+        ("mine.png", "mine.png exists and is not a plot this script wrote; pass --force"),
+        ("x" * 300 + ".png", "(File name too long); nothing was written"),
+        ("file", "names no image type"),
+        ("file/loss.png", "file is not a directory"),
+    ]:
+        result = plot_command(str(tmp_path), "--out", str(tmp_path / out))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert plot_command(str(tmp_path), "--out", str(tmp_path / "mine.png"), "--force").returncode == 0
+    assert b"Matplotlib" in (tmp_path / "mine.png").read_bytes()[:200]
+
+
+def test_a_config_path_that_is_a_directory_or_a_device_says_so(tmp_path):
+    for path, what in [(tmp_path, "is a directory"), ("/dev/null", "is not a regular file")]:
+        result = train_without_torch("--config", str(path))
+        assert result.returncode == 2 and result.stderr == f"error: config file {path} {what}\n", result.stderr
