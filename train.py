@@ -8,13 +8,22 @@ on a busy CPU): a typo is answered at once.
 """
 
 import argparse
+import signal
 import sys
 
 from data.errors import UserError
 from training.config import DEFAULT_TRAINING_CONFIG, load_training_config, settings_help
 
 
+def stop_during_start_up(signum, frame) -> None:
+    """SIGTERM or SIGHUP before the training loop installs its own handlers: nothing to save yet, so stop as a
+    second Ctrl-C does (the KeyboardInterrupt branch below), instead of dying without a word."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_during_start_up)
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -36,6 +45,12 @@ def main() -> None:
     except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
         print("interrupted: stopped without saving; the checkpoints on disk are as they were", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a file operation no module turned into its own line: name the file, keep the rest
+        print(
+            f"error: cannot access {e.filename or 'a file'} ({e.strerror or e}); checkpoints on disk are kept",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise

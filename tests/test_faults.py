@@ -2,11 +2,13 @@
 SIGTERM, a crash between the two checkpoint writes, a loss spike, resume mismatches, a full disk, and a table of
 bad inputs, each refused in one line naming the value and where it came from, with every file left as it was."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -315,6 +317,122 @@ def test_prompt_file_that_is_not_utf8(straight, tmp_path):
         timeout=120,
     )
     expect_refusal(result.stderr, result.returncode, f"prompt file {prompt} is not UTF-8 text")
+
+
+# --- the out_dir's life: a run that died before saving, paths that are not a run's own, the filesystem, a vanished
+# out_dir, signals during start-up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_leaves_its_out_dir_free(tmp_path):
+    config = run_config(tmp_path, eval_interval=100, max_iters=400)
+    run_dir, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    process = train_process(config, start_new_session=True)
+    wait_for_iteration(metrics, 2, process)
+    process.kill()  # kill -9 before the first checkpoint: metrics.jsonl and .lock, no latest.pt
+    process.communicate()
+    before = snapshot(run_dir)
+    refused(config, "--init_from=resume", fragments=("nothing to resume", "holds no latest.pt", "without --init_from"))
+    refused(config, "--init_from=resume", f"--out_dir={tmp_path / 'none'}", fragments=("does not exist",))
+    assert snapshot(run_dir) == before and not (tmp_path / "none").exists()
+    output = run_train(config, "--max_iters=2", "--eval_interval=2")
+    assert "moved them to metrics.jsonl.1.old" in output, output
+    assert (run_dir / "metrics.jsonl.1.old").read_bytes() == before["metrics.jsonl"]
+    assert [r["iter"] for r in read_metrics(metrics) if r["kind"] == "train"] == [1, 2]
+    assert load_checkpoint(run_dir / "latest.pt")["iter_num"] == 2
+
+
+def out_dir_cases(tmp_path: Path) -> list[tuple[str, str]]:
+    """(out_dir, a fragment of its one-line refusal): places that are not a directory of the run's own."""
+    (tmp_path / "a_file").write_text("not a directory")
+    return [
+        ("", "out_dir is empty"),
+        (".", "the current directory"),
+        ("./", "the current directory"),
+        (str(REPO), "the current directory"),
+        ("..", "a folder above the current directory"),
+        ("/", "a folder above"),
+        ("~/runs", "starts with '~'"),
+        (str(tmp_path / "a_file" / "run"), f"{tmp_path / 'a_file'} is a file"),
+        (str(tmp_path / ("n" * 300)), "File name too long"),
+    ]
+
+
+@pytest.mark.slow
+def test_out_dirs_that_are_not_a_run_s_own_are_refused(tmp_path):
+    config = run_config(tmp_path)
+    cases, before = out_dir_cases(tmp_path), snapshot(tmp_path)
+    for out_dir, fragment in cases:
+        refused(config, f"--out_dir={out_dir}", fragments=(fragment,))
+    assert snapshot(tmp_path) == before
+    for place in (REPO, REPO.parent, Path("/")):  # nothing of a run written where the refused paths point
+        assert not any((place / name).exists() for name in (".lock", "latest.pt", "best.pt", "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_read_only_out_dir_and_full_disk_while_appending_metrics(tmp_path):
+    disk = tmpfs(tmp_path / "small", "1m")
+    try:
+        config = run_config(tmp_path, out_dir=str(disk / "run"), eval_interval=100, max_iters=4000)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        refused(config, fragments=(f"out_dir {disk / 'run'} cannot be written: {disk} is read-only",))
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        process = train_process(config, start_new_session=True)
+        wait_for_iteration(disk / "run" / "metrics.jsonl", 1, process)
+        fill(disk / "filler")
+        output, _ = process.communicate(timeout=300)
+        expect_refusal(output, process.returncode, "cannot append the train row to", "(the disk is full)", "kept")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def fill(path: Path) -> None:
+    """Write to `path` until the disk is full, to the last byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (2**16, 2**12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_an_out_dir_moved_away_mid_run_stops_the_run_and_keeps_its_checkpoint(tmp_path):
+    config = run_config(tmp_path, eval_interval=2, max_iters=400)
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    first = train_process(config, start_new_session=True)
+    wait_for_iteration(run_dir / "metrics.jsonl", 3, first)
+    os.rename(run_dir, moved)  # as `mv` or `rm -r` would; a second run may now start at the old path
+    second = run_train(config, "--max_iters=2")
+    output, _ = first.communicate(timeout=120)
+    expect_refusal(output, first.returncode, f"{run_dir / '.lock'} was removed or replaced", "stopped without saving")
+    assert load_checkpoint(moved / "latest.pt")["iter_num"] % 2 == 0  # the first run's last checkpoint, whole
+    assert load_checkpoint(run_dir / "latest.pt")["iter_num"] == 2, second  # the second run's, untouched by the first
+    assert [r["iter"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_start_up_is_one_line(tmp_path, signum):
+    config = run_config(tmp_path)
+    process = train_process(config, start_new_session=True)
+    deadline = time.time() + 60
+    while not catches(process.pid, signum):  # train.py's first act; torch's import (seconds) comes after
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.01)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("interrupted: stopped without saving"), output
+    assert not (tmp_path / "run").exists()
 
 
 # --- settings accepted then misbehaving, resume that changes the run, data changed under a run ----------------------

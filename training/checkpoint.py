@@ -14,6 +14,8 @@ Design choices:
   Face directory: sample.py, the export scripts and the benchmarks all go through it.
 """
 
+import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -35,22 +37,34 @@ class CheckpointError(UserError, ValueError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: temporary file, fsync, rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException as e:
-        full = shutil.disk_usage(path.parent).free < (tmp.stat().st_size if tmp.exists() else 0) + 2**20
-        tmp.unlink(missing_ok=True)
+        full = disk_full(e, path.parent, tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as either ("unexpected pos")
             raise
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        reason = "the disk is full" if full else first_line(e)
+        reason = "the disk is full" if full else getattr(e, "strerror", None) or first_line(e)
         raise CheckpointError(f"cannot write {path} ({reason}); {kept}") from None
-    os.replace(tmp, path)
+
+
+def disk_full(error: BaseException, directory: Path, tmp: Path) -> bool:
+    """Whether a failed write ran out of space: torch's writer hides ENOSPC behind a RuntimeError, so the free
+    space is measured as well."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < (tmp.stat().st_size if tmp.exists() else 0) + 2**20
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .run_dir import os_error
+
 # Peak dense bf16 tensor-core FLOP/s by GPU (vendor datasheets, without sparsity), matched on the words of the
 # name CUDA reports, most specific first: an H100 PCIe ("NVIDIA H100 PCIe") and NVL are not the SXM part ("NVIDIA
 # H100 80GB HBM3"), and "GH200" is not "H200".
@@ -104,13 +106,19 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_from_iter: int | None, wandb_run: Any = None):
         self.path = out_dir / "metrics.jsonl"
         self.wandb_run = wandb_run
-        self.cut_torn_line = resume_from_iter is not None and cut_torn_line(self.path)
+        try:
+            self.cut_torn_line = resume_from_iter is not None and cut_torn_line(self.path)
+        except OSError as e:
+            raise os_error(self.path, "cut the torn last line of", e, "the checkpoints on disk are kept") from None
         if resume_from_iter is not None:
             self.log("resume", resume_from_iter)
 
     def log(self, kind: str, iteration: int, **values: float) -> None:
         row = {"kind": kind, "iter": iteration, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a torn line it leaves is cut off at resume
+            raise os_error(self.path, f"append the {kind} row to", e, "the checkpoints on disk are kept") from None
         if self.wandb_run is not None:
             self.wandb_run.log({f"{kind}/{k}": v for k, v in values.items()}, step=iteration)

@@ -75,7 +75,7 @@ from .distributed import (
     world_from_environment,
 )
 from .optimizer import build_optimizer
-from .run_dir import RunDirLock, claim
+from .run_dir import RunDirLock, check_out_dir, claim
 from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
 
@@ -257,6 +257,8 @@ def train(config: TrainingConfig) -> dict:
 
 
 def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> dict:
+    if world.is_master:  # before any work: a run needs an out_dir of its own, and a resume something to resume
+        check_out_dir(config.out_dir, resume=config.init_from == "resume")
     run = setup_run(config, device, world)
     logger = NullLogger()  # until make_logger, which starts wandb: its failure, too, releases the lock below
     stop_request = StopRequest()
@@ -267,6 +269,8 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
         while run.iter_num < config.max_iters:
             lr = set_learning_rate(run)
             loss, grad_norm, stopped = train_step(run, stop_request)
+            if run.lock is not None:  # rank 0 writes only while the out_dir is still the one it locked
+                run.lock.check()
             logger.iteration(run, loss, lr, grad_norm)
             evaluates = run.iter_num % config.eval_interval == 0 or run.iter_num == config.max_iters
             if evaluates and world.is_master:
@@ -434,6 +438,7 @@ def evaluate_and_checkpoint(run: Run, logger: NullLogger, lr: float) -> dict:
     if improved:
         run.best_val_loss, run.best_iter = losses["val"], run.iter_num
     logger.evaluation(run, losses, lr, improved)
+    run.lock.check()  # the evaluation took a while: the out_dir may have been removed meanwhile
     state = run.state_dict()
     save_checkpoint(state, run.out_dir / "latest.pt")
     run.saved_iter = run.iter_num
