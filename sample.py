@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from architecture.config import DTYPES
+from architecture.config import DTYPES, not_a_regular_file
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 
@@ -133,8 +133,9 @@ def read_prompt(args: argparse.Namespace) -> str:
         return args.prompt
     path = Path(args.prompt_file)
     try:
-        if path.exists() and not path.is_file():
-            raise SampleError(f"prompt file {path} {'is a directory' if path.is_dir() else 'is not a regular file'}")
+        what = not_a_regular_file(path)
+        if what:
+            raise SampleError(f"prompt file {path} {what}")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SampleError(f"prompt file not found: {path}") from None

@@ -98,11 +98,19 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def not_a_regular_file(path: Path) -> str | None:
+    """What an existing `path` that is not a regular file is ("is a directory" or "is not a regular file", as for
+    /dev/null), for messages about files a command reads; None when it is a regular file or does not exist."""
+    if path.is_file() or not path.exists():
+        return None
+    return "is a directory" if path.is_dir() else "is not a regular file"
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON file, turning a missing file or bad syntax into a `ConfigError` that names the file."""
     path = Path(path)
-    if not path.is_file():  # a directory or a device such as /dev/null is no config file either: say which
-        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else None
+    if not path.is_file():
+        what = not_a_regular_file(path)
         raise ConfigError(f"config file {path} {what}" if what else f"config file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)

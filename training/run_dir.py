@@ -21,9 +21,9 @@ import fcntl
 import os
 from pathlib import Path
 
+from architecture.config import REPO_ROOT
 from data.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ("latest.pt", "best.pt")
 RUN_FILES = (*CHECKPOINTS, "metrics.jsonl")
 
