@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from architecture.config import DTYPES, not_a_regular_file
+from architecture.config import DTYPES, file_problem
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 
@@ -105,8 +105,9 @@ def check_source(args: argparse.Namespace) -> None:
     """Refuse a --ckpt or --hf-dir that is not there before torch is imported; what a path holds is checked when it
     loads (`training.checkpoint.load_model`)."""
     try:
-        if args.ckpt and not Path(args.ckpt).exists():
-            raise SampleError(f"checkpoint not found: {Path(args.ckpt)}")
+        problem = args.ckpt and file_problem(Path(args.ckpt), "checkpoint", directory_ok=True)  # or a run's out_dir
+        if problem:
+            raise SampleError(problem)
         if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
             raise SampleError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
     except OSError as e:  # a name too long, a directory that cannot be searched
@@ -132,13 +133,11 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         return args.prompt
     path = Path(args.prompt_file)
+    problem = file_problem(path, "prompt file")
+    if problem:
+        raise SampleError(problem)
     try:
-        what = not_a_regular_file(path)
-        if what:
-            raise SampleError(f"prompt file {path} {what}")
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SampleError(f"prompt file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise SampleError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:  # no permission, a name too long, a path component that is a file

@@ -8,11 +8,13 @@ on a busy CPU): a typo is answered at once.
 """
 
 import argparse
+import os
 import signal
 import sys
 
 from data.errors import UserError
 from training.config import DEFAULT_TRAINING_CONFIG, load_training_config, settings_help
+from training.run_dir import check_out_dir
 
 
 def stop_during_start_up(signum, frame) -> None:
@@ -36,6 +38,8 @@ def main() -> None:
         return
     try:
         config = load_training_config(args.config, overrides)
+        if os.environ.get("RANK", "0") == "0":  # the trainer checks it again; here it is answered before torch loads
+            check_out_dir(config.out_dir, resume=config.init_from == "resume")
         from training.trainer import train  # torch and the model: only once the arguments are known to be good
 
         train(config)

@@ -98,20 +98,32 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def not_a_regular_file(path: Path) -> str | None:
-    """What an existing `path` that is not a regular file is ("is a directory" or "is not a regular file", as for
-    /dev/null), for messages about files a command reads; None when it is a regular file or does not exist."""
-    if path.is_file() or not path.exists():
-        return None
-    return "is a directory" if path.is_dir() else "is not a regular file"
+def file_problem(path: Path, what: str, directory_ok: bool = False) -> str | None:
+    """Why `path` cannot be read as a file, as the message that says so ("config file not found: x.json", "prompt
+    file /dev/null is not a regular file", "checkpoint a/b cannot exist: a is a file"); `what` names the file's
+    role. None when it is a regular file (or, with `directory_ok`, a directory): a failure to read it is then the
+    reader's to report."""
+    try:
+        if path.is_file() or (directory_ok and path.is_dir()):
+            return None
+        if path.is_dir():
+            return f"{what} {path} is a directory"
+        if path.exists():  # a device (/dev/null), a socket, a fifo
+            return f"{what} {path} is not a regular file"
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return f"{what} {path} cannot exist: {blocker} is a file, not a directory"
+        return f"{what} not found: {path}"
+    except OSError as e:  # a name too long, a directory that cannot be searched
+        return f"cannot read {what} {path} ({e.strerror or type(e).__name__})"
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON file, turning a missing file or bad syntax into a `ConfigError` that names the file."""
+    """Read a JSON file, turning a missing file, bad syntax or a failed read into a `ConfigError` that names it."""
     path = Path(path)
-    if not path.is_file():
-        what = not_a_regular_file(path)
-        raise ConfigError(f"config file {path} {what}" if what else f"config file not found: {path}")
+    problem = file_problem(path, "config file")
+    if problem:
+        raise ConfigError(problem)
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
     except UnicodeDecodeError as e:
@@ -122,6 +134,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}; keep one") from None
     except RecursionError:  # json's parser recurses once per bracket: thousands of them exhaust Python's stack
         raise ConfigError(f"{path}: brackets nested too deeply to read; a config is an object of settings") from None
+    except OSError as e:  # no permission to read it, an I/O error
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or type(e).__name__})") from None
 
 
 @dataclass

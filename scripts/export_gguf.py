@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from architecture.config import file_problem
 from data.errors import UserError
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")  # architecture.gguf_export.DTYPES, which cannot be imported without torch
@@ -32,8 +33,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--out {out} exists; pass --force to replace it, or choose another name")
         if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():
             raise UserError(f"--hf-dir {args.hf_dir} is not a Hugging Face model directory (no config.json)")
-        if args.ckpt and not Path(args.ckpt).exists():
-            raise UserError(f"checkpoint not found: {Path(args.ckpt)}")
+        problem = args.ckpt and file_problem(Path(args.ckpt), "checkpoint", directory_ok=True)  # or a run's out_dir
+        if problem:
+            raise UserError(problem)
     except OSError as e:  # a name too long, a directory that cannot be searched
         raise UserError(f"cannot check {e.filename} ({e.strerror or e}); nothing was written") from None
 

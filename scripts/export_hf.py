@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from architecture.config import DTYPES  # torch-free, as is the architecture package's own import
+from architecture.config import DTYPES, file_problem  # torch-free, as is the architecture package's own import
 from data.errors import UserError
 
 # What an export writes (a GPT-2 tokenizer adds vocab.json and merges.txt): a directory of these alone is replaced.
@@ -40,8 +40,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse a checkpoint that is not there, an --out that cannot be a directory, and one that holds files an
     export does not write (unless --force); what the checkpoint holds is checked when it loads."""
     try:
-        if not Path(args.ckpt).exists():
-            raise UserError(f"checkpoint not found: {Path(args.ckpt)}")
+        problem = file_problem(Path(args.ckpt), "checkpoint", directory_ok=True)  # or a run's out_dir
+        if problem:
+            raise UserError(problem)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")

@@ -355,6 +355,7 @@ def out_dir_cases(tmp_path: Path) -> list[tuple[str, str]]:
         ("~/runs", "starts with '~'"),
         (str(tmp_path / "a_file" / "run"), f"{tmp_path / 'a_file'} is a file"),
         (str(tmp_path / ("n" * 300)), "File name too long"),
+        (str(REPO / "config"), "holds files no run wrote (demo.json, demo_model.json, "),
     ]
 
 
@@ -474,7 +475,10 @@ def test_wandb_that_cannot_start_is_one_line_and_releases_the_out_dir(tmp_path):
     env["PYTHONPATH"] = str(no_wandb.parent)
     # Run again on the same out_dir: the first run's lock was released (else: "in use by another run").
     refused(config, env=env, fragments=("wandb is not installed", "--wandb_log=false"))
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # no metrics, no checkpoint
+    assert not (tmp_path / "run").exists()  # a run that wrote nothing removes its .lock and the out_dir it made
+    (tmp_path / "run").mkdir()
+    refused(config, env=env, fragments=("wandb is not installed",))
+    assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())  # a directory given stays
 
 
 @pytest.mark.slow

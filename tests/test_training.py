@@ -499,6 +499,12 @@ def test_plot_out_is_the_file_it_says_and_replaces_only_its_own(tmp_path):
 
 
 def test_a_config_path_that_is_a_directory_or_a_device_says_so(tmp_path):
-    for path, what in [(tmp_path, "is a directory"), ("/dev/null", "is not a regular file")]:
+    (tmp_path / "file").write_text("{}")
+    cases = [
+        (tmp_path, "is a directory"),
+        ("/dev/null", "is not a regular file"),
+        (tmp_path / "file" / "c.json", f"cannot exist: {tmp_path / 'file'} is a file, not a directory"),
+    ]
+    for path, what in cases:
         result = train_without_torch("--config", str(path))
         assert result.returncode == 2 and result.stderr == f"error: config file {path} {what}\n", result.stderr

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from architecture import Gemma3Model, ModelConfig
+from architecture.config import file_problem
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 
@@ -70,16 +71,21 @@ def disk_full(error: BaseException, directory: Path, tmp: Path) -> bool:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with `weights_only=True`; raise `CheckpointError` if it is not a complete one of ours."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = file_problem(path, "checkpoint")
+    if problem:
+        raise CheckpointError(problem)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # no permission, an I/O error: the file may be fine
+        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or first_line(e)})") from None
     except Exception as e:  # torch raises many types for a bad file (RuntimeError, UnpicklingError, EOFError...)
-        # torch's own text runs to many lines and suggests weights_only=False, the one thing not to do here.
-        reason = first_line(e) if type(e).__name__ != "UnpicklingError" else "refused by weights_only"
+        # torch's own text runs to many lines and suggests weights_only=False, the one thing not to do here; its
+        # legacy reader's KeyError is a bare number, which says nothing.
+        known = {"UnpicklingError": ": refused by weights_only", "KeyError": ""}
+        reason = known.get(type(e).__name__, f": {type(e).__name__}: {first_line(e)}")
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, another format, or holding objects other than "
-            f"tensors and plain values): {type(e).__name__}: {reason}"
+            f"tensors and plain values){reason}"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (no model / model_config)")

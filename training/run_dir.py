@@ -2,20 +2,23 @@
 
 Design choices:
 - `check_out_dir` runs before any work: an out_dir that is empty, `.`, the current directory, the repository root
-  or one of their parents would scatter a run's files among others, so it is refused; so is a path that is a file.
+  or one of their parents would scatter a run's files among others, so it is refused; so is a path that is a file,
+  and a directory that holds files but none a run writes (`--out_dir=config`): someone else's.
 - The lock is `flock` on `out_dir/.lock`, taken without waiting: the OS releases it when the process dies, however
   it dies, so a crash never leaves a stale lock. The file holds the owner's pid, for the refusal message.
 - A new run (not `--init_from=resume`) in an out_dir that holds a run's checkpoints is refused, naming resume and
   `--overwrite=true`; with it, the old run's files are removed first, so the two runs never mix. A directory with
   metrics but no checkpoint (its run died before the first) holds nothing to protect: a new run takes it over and
   moves the old metrics aside (`metrics.jsonl.<n>.old`), and a resume there is refused with what to run instead.
-- Under the lock, temporaries left by a crash (`*.tmp`) are removed: no other writer can own them.
+- Under the lock, temporaries left by a crash (`*.tmp`) are removed: no other writer can own them. A run that stops
+  before writing anything (wandb failing to start) removes its `.lock`, and the out_dir if it made it.
 - The run checks that `.lock` is still the file it locked before each write (`check`): if the out_dir was removed
   or replaced under it, another run may own that path now, so it stops rather than write there or recreate it.
 - Every OSError (read-only, permission denied, a name too long, a file in the path, a full disk) is one line that
   names the path and what was being done (`os_error`).
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -58,11 +61,22 @@ def check_out_dir(out_dir: str, resume: bool) -> None:
         if not os.access(nearest, os.W_OK):
             raise RunDirError(f"out_dir {path} cannot be written: {nearest} is read-only or not ours to write")
         has_latest = (path / "latest.pt").exists()
+        foreign = [] if resume or not path.is_dir() else sorted(p.name for p in path.iterdir())
     except OSError as e:
         raise os_error(path, "check the run directory", e, "nothing was written") from None
+    if foreign and not any(is_run_file(name) for name in foreign):
+        raise RunDirError(
+            f"out_dir {path} holds files no run wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+            "; name a new or empty directory, so that the run's files are its own"
+        )
     if resume and not has_latest:
         held = "holds no latest.pt (no run there reached its first checkpoint)" if path.is_dir() else "does not exist"
         raise RunDirError(f"nothing to resume: {path} {held}; start the run afresh without --init_from=resume")
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a file of this name is one a run writes in its out_dir (or a run's crash left there)."""
+    return name in (*RUN_FILES, ".lock") or name.startswith("metrics.jsonl.") or name.endswith(".tmp")
 
 
 def check_place(out_dir: str, resolved: Path) -> None:
@@ -81,8 +95,9 @@ class RunDirLock:
     """Holds `out_dir/.lock` until `release()` or the end of the process."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / ".lock"
+        self.out_dir, self.path = out_dir, out_dir / ".lock"
         try:
+            self.made_out_dir = not out_dir.exists()
             out_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a+")
         except OSError as e:
@@ -111,18 +126,28 @@ class RunDirLock:
 
     def check(self) -> None:
         """Raise unless `.lock` is still the file this run locked: the out_dir was not removed or replaced."""
-        try:
-            held = os.stat(self.path)
-        except OSError:
-            held = None
-        mine = os.fstat(self.file.fileno())
-        if held is None or (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
+        if not self.still_mine():
             raise RunDirError(
                 f"{self.path} was removed or replaced while this run held it (out_dir deleted or moved?); stopped "
                 "without saving, so that no other run's files are overwritten; the checkpoints still there are kept"
             )
 
+    def still_mine(self) -> bool:
+        try:
+            held = os.stat(self.path)
+        except OSError:
+            return False
+        mine = os.fstat(self.file.fileno())
+        return (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
+        """Unlock. A run that wrote nothing (it stopped during start-up) leaves nothing behind: neither its `.lock`
+        nor the out_dir it made."""
+        if self.still_mine() and not any((self.out_dir / name).exists() for name in RUN_FILES):
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                if self.made_out_dir:
+                    self.out_dir.rmdir()  # only if empty: never removes what someone else put there
         self.file.close()  # closing the descriptor releases the flock
 
 
