@@ -130,6 +130,53 @@ def test_schedule_corners():
     assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
 
 
+def test_cosine_is_unchanged_bit_for_bit_and_each_group_follows_its_own_peak():
+    config = TrainingConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=7, max_iters=50)
+    for i in range(60):  # the formula of the version before per-group peaks
+        progress = (i - 7) / (50 - 7)
+        before = 3e-3 * i / 7 if i < 7 else 3e-4 if i >= 50 else 3e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * 27e-4
+        assert learning_rate(i, config) == learning_rate(i, config, 3e-3) == before
+        assert learning_rate(i, config, 0.03) == pytest.approx(10 * before)  # min_lr scaled by the same ratio
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_warms_up_holds_the_peak_then_decays_to_min_lr(shape):
+    config = TrainingConfig(
+        lr_schedule="wsd", decay_shape=shape, learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_iters=110
+    )
+    assert config.decay_start == 88  # the last 0.2 of max_iters (22 iterations) decays
+    assert learning_rate(0, config) == 0.0 and learning_rate(5, config) == pytest.approx(5e-4)
+    assert all(learning_rate(i, config) == 1e-3 for i in range(10, 89))  # the stable phase, and the decay's start
+    remaining = {"linear": 0.5, "1-sqrt": 1 - math.sqrt(0.5)}[shape]
+    assert learning_rate(99, config) == pytest.approx(1e-4 + remaining * 9e-4)
+    assert learning_rate(110, config) == learning_rate(500, config) == pytest.approx(1e-4)
+    decay = [learning_rate(i, config) for i in range(88, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert learning_rate(99, config, 0.02) == pytest.approx(20 * learning_rate(99, config))  # a Muon group
+
+
+def test_schedule_and_muon_settings_are_checked(tmp_path):
+    cases = [
+        (dict(lr_schedule="step"), "'lr_schedule' is 'step'; use cosine or wsd"),
+        (dict(decay_fraction=0.0), "'decay_fraction' must be in (0, 1], got 0.0"),
+        (dict(decay_fraction=1.5), "'decay_fraction' must be in (0, 1], got 1.5"),
+        (dict(decay_shape="cosine"), "'decay_shape' is 'cosine'; use linear or 1-sqrt"),
+        (
+            dict(lr_schedule="wsd", warmup_steps=100, max_iters=110),
+            "'warmup_steps' (100) runs past the wsd decay's start (iteration 88, the last 0.2 of max_iters 110)",
+        ),
+        (dict(muon_lr=0.0), "'muon_lr' must be positive, got 0.0"),
+        (dict(muon_weight_decay=-0.1), "'muon_weight_decay' must not be negative, got -0.1"),
+    ]
+    for values, message in cases:
+        with pytest.raises(ConfigError) as refusal:
+            TrainingConfig(**values)
+        assert message in str(refusal.value)
+    TrainingConfig(warmup_steps=100, max_iters=110)  # cosine has no stable phase to run past
+    with pytest.raises(ConfigError, match=r"--decay_shape=sqrt \(command line\): 'decay_shape' is 'sqrt'"):
+        load_training_config(run_config(tmp_path), ["--decay_shape=sqrt"])
+
+
 def test_min_lr_above_learning_rate_is_rejected():
     with pytest.raises(ConfigError, match=r"'min_lr' \(0.0005\) is above 'learning_rate' \(0.0001\)"):
         TrainingConfig(learning_rate=1e-4, min_lr=5e-4)

@@ -59,10 +59,15 @@ class TrainingConfig(CheckedConfig):
     gradient_accumulation_steps: int = setting(32, "micro-batches per iteration, across all processes")
     max_iters: int = setting(4690, "iterations (optimizer updates)")
 
-    learning_rate: float = setting(1e-4, "peak, reached at the end of warmup")
-    min_lr: float = setting(1e-5, "floor of the cosine decay, held after max_iters")
+    learning_rate: float = setting(1e-4, "peak, reached at the end of warmup (with muon: the AdamW groups' peak)")
+    min_lr: float = setting(1e-5, "floor of the decay, held after max_iters (muon's: x muon_lr / learning_rate)")
     warmup_steps: int = setting(100, "iterations of linear warmup from 0")
-    optimizer: str = setting("adamw", "a name in training/optimizer.py's OPTIMIZERS")
+    lr_schedule: str = setting("cosine", "cosine (decays from warmup on) or wsd (warmup, stable, decay at the end)")
+    decay_fraction: float = setting(0.2, "wsd: the last fraction of max_iters, decaying to min_lr")
+    decay_shape: str = setting("linear", "wsd: the decay's shape, linear or 1-sqrt (Hagele et al. 2024)")
+    optimizer: str = setting("adamw", "a name in training/optimizer.py's OPTIMIZERS: adamw, or muon")
+    muon_lr: float = setting(0.02, "muon: the hidden matrices' peak lr (Keller Jordan's default)")
+    muon_weight_decay: float = setting(0.01, "muon: decoupled decay of the hidden matrices, applied as lr x decay")
     weight_decay: float = setting(0.1, "AdamW's decoupled decay, on the weight matrices only")
     betas: list[float] = setting([0.9, 0.95], "AdamW's two moment decays")
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
@@ -94,12 +99,20 @@ class TrainingConfig(CheckedConfig):
             "gradient_accumulation_steps",
             "max_iters",
             "learning_rate",
+            "muon_lr",
             "eval_interval",
             "eval_iters",
             "log_interval",
         )
         self._require_positive(
-            "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "threads", allow_zero=True
+            "min_lr",
+            "warmup_steps",
+            "weight_decay",
+            "muon_weight_decay",
+            "grad_clip",
+            "seed",
+            "threads",
+            allow_zero=True,
         )
         if self.seed >= 2**63:
             self._fail("seed", message=f"'seed' must be below 2**63, got {self.seed}")
@@ -122,6 +135,7 @@ class TrainingConfig(CheckedConfig):
                 "max_iters",
                 message=f"'warmup_steps' ({self.warmup_steps}) exceeds 'max_iters' ({self.max_iters})",
             )
+        self._check_wsd()
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             self._fail("betas", message=f"'betas' must be two numbers in [0, 1), got {self.betas}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -143,9 +157,37 @@ class TrainingConfig(CheckedConfig):
         if self.optimizer not in OPTIMIZERS:
             self._fail("optimizer", message=f"'optimizer' is '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
 
+    def _check_wsd(self) -> None:
+        if self.lr_schedule not in ("cosine", "wsd"):
+            self._fail("lr_schedule", message=f"'lr_schedule' is '{self.lr_schedule}'; use cosine or wsd")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            self._fail("decay_fraction", message=f"'decay_fraction' must be in (0, 1], got {self.decay_fraction}")
+        if self.decay_shape not in ("linear", "1-sqrt"):
+            self._fail("decay_shape", message=f"'decay_shape' is '{self.decay_shape}'; use linear or 1-sqrt")
+        if self.lr_schedule == "wsd" and self.warmup_steps > self.decay_start:
+            self._fail(
+                "warmup_steps",
+                "decay_fraction",
+                message=(
+                    f"'warmup_steps' ({self.warmup_steps}) runs past the wsd decay's start (iteration "
+                    f"{self.decay_start}, the last {self.decay_fraction} of max_iters {self.max_iters}); lower "
+                    "warmup_steps or decay_fraction"
+                ),
+            )
+
     @property
     def tokens_per_iter(self) -> int:
         return self.batch_size * self.block_size * self.gradient_accumulation_steps
+
+    @property
+    def decay_start(self) -> int:
+        return decay_start(self.max_iters, self.decay_fraction)
+
+
+def decay_start(max_iters: int, decay_fraction: float) -> int:
+    """The first iteration of wsd's decay, which takes the last `decay_fraction` of `max_iters`: before it the
+    learning rate holds at its peak."""
+    return max_iters - round(decay_fraction * max_iters)
 
 
 def _parse_value(key: str, text: str, annotation: Any) -> Any:

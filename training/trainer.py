@@ -2,7 +2,7 @@
 
     run = setup_run(config, device, world)            # model_start, prepare_data, place_model, build_optimizer
     while run.iter_num < config.max_iters:
-        lr = set_learning_rate(run)                   # linear warmup, cosine decay
+        lr = set_learning_rate(run)                   # each group from its own peak: warmup, cosine or wsd decay
         loss, grad_norm, stop = train_step(run, stop_request)   # micro-batches, clip, optimizer step
         logger.iteration(run, loss, lr, grad_norm)
         evaluate, then checkpoint: run.state_dict()   # every eval_interval, and at the end
@@ -64,7 +64,7 @@ from .checkpoint import (
     read_iter_num,
     save_checkpoint,
 )
-from .config import TrainingConfig
+from .config import TrainingConfig, decay_start
 from .device import DeviceError, allow_tf32, autocast_dtype, keep_freed_memory_for_reuse, select_device
 from .distributed import (
     Distributed,
@@ -74,7 +74,7 @@ from .distributed import (
     teardown_distributed,
     world_from_environment,
 )
-from .optimizer import build_optimizer
+from .optimizer import Optimizer, build_optimizer, load_optimizer_state
 from .run_dir import RunDirLock, check_out_dir, claim
 from .run_logger import NullLogger, make_logger
 from .schedule import learning_rate
@@ -194,7 +194,7 @@ class Run:
     config: TrainingConfig
     model: Gemma3Model  # the unwrapped model: its weights, config and checkpoints
     tokenizer: Tokenizer
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     train_loader: BatchLoader
     model_origin: str = ""  # the model config file, Hugging Face directory or hub id the run started from
     iter_num: int = 0  # optimizer updates done
@@ -235,7 +235,7 @@ class Run:
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Continue where `checkpoint` stopped (the model's weights are loaded with the model itself)."""
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         self.train_loader.load_state_dict(checkpoint["loader"])
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.best_iter, self.loss_ema = checkpoint.get("best_iter"), checkpoint.get("loss_ema")
@@ -272,6 +272,8 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
             if run.lock is not None:  # rank 0 writes only while the out_dir is still the one it locked
                 run.lock.check()
             logger.iteration(run, loss, lr, grad_norm)
+            if world.is_master and config.lr_schedule == "wsd" and run.iter_num == config.decay_start:
+                save_checkpoint(run.state_dict(), run.out_dir / "pre_decay.pt")  # longer runs branch from here
             evaluates = run.iter_num % config.eval_interval == 0 or run.iter_num == config.max_iters
             if evaluates and world.is_master:
                 losses = evaluate_and_checkpoint(run, logger, lr)
@@ -389,10 +391,10 @@ def training_models(
 
 
 def set_learning_rate(run: Run) -> float:
-    lr = learning_rate(run.iter_num, run.config)
+    """Set each parameter group's lr from its own peak; return learning_rate's (the one logged)."""
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = learning_rate(run.iter_num, run.config, group["peak_lr"])
+    return learning_rate(run.iter_num, run.config)
 
 
 def train_step(run: Run, stop_request: StopRequest) -> tuple[float, torch.Tensor, bool]:
@@ -476,8 +478,23 @@ def diverged_message(run: Run, what: str) -> str:
 
 # The settings that shape every update after the resume: changed, the run is no longer the one the checkpoint began.
 # (max_iters is not among them: raising it is how a run is extended, and check_resume notes how that bends the
-# cosine schedule; the optimizer and the batch shape have checks of their own.)
-RECIPE = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed", "dtype")
+# cosine schedule, or refuses it under wsd once the decay has begun; the optimizer and the batch shape have checks of
+# their own.)
+RECIPE = (
+    "learning_rate",
+    "min_lr",
+    "warmup_steps",
+    "lr_schedule",
+    "decay_fraction",
+    "decay_shape",
+    "weight_decay",
+    "betas",
+    "muon_lr",
+    "muon_weight_decay",
+    "grad_clip",
+    "seed",
+    "dtype",
+)
 
 
 def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> list[str]:
@@ -534,11 +551,31 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
         )
     notes = [f"resuming with another recipe on purpose: {', '.join(changed)}"] if changed else []
     if config.max_iters != previous["max_iters"]:
-        notes.append(
-            f"max_iters {previous['max_iters']} -> {config.max_iters}: the cosine decay now ends at iteration "
-            f"{config.max_iters}, so the learning rate from iteration {checkpoint['iter_num']} on follows the new curve"
-        )
+        notes.append(max_iters_note(config, previous, checkpoint["iter_num"], where))
     return notes
+
+
+def max_iters_note(config: TrainingConfig, previous: dict, iter_num: int, where: Path) -> str:
+    """What a new max_iters does to a resumed run. Under wsd, before the old and the new decay's start, nothing:
+    every update done had the peak lr under both, so the run is the one a straight run to the new max_iters is.
+    Past either start it would reshape a decay already begun: refused unless allowed."""
+    change = f"max_iters {previous['max_iters']} -> {config.max_iters}"
+    if config.lr_schedule != "wsd":
+        return (
+            f"{change}: the cosine decay now ends at iteration {config.max_iters}, so the learning rate from "
+            f"iteration {iter_num} on follows the new curve"
+        )
+    start = decay_start(previous["max_iters"], previous.get("decay_fraction", config.decay_fraction))
+    decay = f"the wsd decay starts at iteration {config.decay_start} (was {start})"
+    if iter_num <= min(start, config.decay_start):
+        return f"{change}: {decay}; the {iter_num} iterations done all came before it, so nothing done changes"
+    if not config.allow_recipe_change:
+        raise ConfigError(
+            f"{where} is at iteration {iter_num}, and with {change} {decay}: the change would reshape a decay "
+            f"already begun; branch a longer run from {where.with_name('pre_decay.pt')} (README, Training), or "
+            "pass --allow_recipe_change=true to change it anyway"
+        )
+    return f"{change}: {decay}, so the learning rate from iteration {iter_num} on follows the new curve"
 
 
 def make_best_consistent(run: Run) -> None:
