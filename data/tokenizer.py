@@ -19,12 +19,18 @@ Design choices:
   `[bos] + text + [eos]`, which is text + `<|endoftext|>` for GPT-2 (no bos) and `<bos>` text `<eos>` for Gemma.
 - `vocab_size` is one more than the largest id encoding can produce: special tokens past the base vocabulary
   that ordinary text never yields (Gemma's image token) do not count, so they need no embedding row.
+- `token_bytes()` is each id's UTF-8 byte count in decoded text, the denominator of bits per byte (the loss figure
+  that compares models with different tokenizers): special tokens count 0, a SentencePiece `▁` one space byte, a
+  byte-fallback piece `<0xNN>` one byte, a byte-level BPE character one byte. A tokenizer that puts a `▁` before a
+  document's first piece and strips it when decoding (Llama's; not Gemma's) says so in `dummy_prefix`: that byte is
+  not the text's, and `training.trainer.target_bytes` leaves it out.
 """
 
 import base64
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import tiktoken
@@ -59,11 +65,22 @@ class Tokenizer:
     eos_id: int  # appended to every document
     stop_ids: frozenset[int]  # generation stops at any of these
     origin: str  # what it was loaded from: "gpt2" or a path, for messages and fix commands
+    dummy_prefix: bool = False  # encoding adds a `▁` before a document's first piece that decoding removes
+    _token_bytes: list[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes each id stands for in decoded text, indexed by id (0 for special tokens); computed once."""
+        if self._token_bytes is None:
+            self._token_bytes = self._count_token_bytes()
+        return self._token_bytes
+
+    def _count_token_bytes(self) -> list[int]:
         raise NotImplementedError
 
     def identity(self) -> dict:
@@ -117,6 +134,9 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
 
+    def _count_token_bytes(self) -> list[int]:
+        return [len(self.encoding.decode_single_token_bytes(i)) for i in range(GPT2_EOT_ID)] + [0]
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (the official Gemma 3's, or any other), through the `tokenizers` library."""
@@ -143,6 +163,7 @@ class HFTokenizer(Tokenizer):
         emitted = [i for i, t in self.backend.get_added_tokens_decoder().items() if not t.special]
         base = self.backend.get_vocab_size(with_added_tokens=False)
         self.vocab_size = max(base - 1, self.eos_id, self.bos_id or 0, *emitted) + 1
+        self.dummy_prefix = any(map(_strips_leading_space, _decoder_steps(self.backend)))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -150,8 +171,42 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True)
 
+    def _count_token_bytes(self) -> list[int]:
+        # A byte-level BPE spells each byte as one character; a SentencePiece BPE spells a space as `▁`.
+        byte_level = any(step["type"] == "ByteLevel" for step in _decoder_steps(self.backend))
+        byte_fallback = getattr(self.backend.model, "byte_fallback", False)
+        added = self.backend.get_added_tokens_decoder()
+        counts = [0] * self.vocab_size
+        for piece, i in self.backend.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size or (i in added and added[i].special):
+                continue
+            if i in added:  # an added token's content is its text, whatever the model's spelling
+                counts[i] = len(piece.encode())
+            elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                counts[i] = 1
+            else:
+                counts[i] = len(piece) if byte_level else len(piece.replace("▁", " ").encode())
+        return counts
+
     def record(self) -> dict:
         return {**super().record(), "tokenizer_json": self.json_text, "tokenizer_config": self.config_text}
+
+
+def _decoder_steps(backend) -> list[dict]:
+    """The tokenizer's decoder as tokenizer.json writes it, a Sequence flattened into its steps."""
+    steps = [json.loads(backend.decoder.__getstate__())] if backend.decoder is not None else []
+    while any(step["type"] == "Sequence" for step in steps):
+        steps = [part for step in steps for part in (step["decoders"] if step["type"] == "Sequence" else [step])]
+    return steps
+
+
+def _strips_leading_space(step: dict) -> bool:
+    """Whether a decoder step drops the `▁` that encoding put before the first piece: a Strip of a leading space
+    (Llama's converted SentencePiece) or a Metaspace that prepends one."""
+    if step["type"] == "Strip":
+        return step.get("start", 0) > 0
+    scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space") else "never")
+    return step["type"] == "Metaspace" and scheme != "never"
 
 
 def _token_name(value) -> str | None:

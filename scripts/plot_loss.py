@@ -1,7 +1,8 @@
 """Plot a run's losses and learning rate: `python scripts/plot_loss.py checkpoints/RUN [--out FILE.png]`.
 
 Reads RUN/metrics.jsonl (written by train.py) and draws train loss (every logged iteration), the evaluated
-train and val losses, and the learning rate on a second axis. Writes RUN/loss.png unless --out says otherwise.
+train and val losses, and the learning rate on a second axis; below them, the evaluations' bits per byte, when the
+metrics have them (runs before it was measured do not). Writes RUN/loss.png unless --out says otherwise.
 
 The loss axis shows the part of the curve that matters: its top is the highest loss after the first tenth of the
 iterations (a run starts near ln(vocab), about 11, and would squash the rest flat), its bottom the lowest loss;
@@ -55,19 +56,29 @@ def plot(run_dir: Path, out: Path) -> None:
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
     import matplotlib.pyplot as plt  # after matplotlib.use: pyplot picks its backend when imported
 
-    fig, loss_axis = plt.subplots(figsize=(9, 5), layout="constrained")  # constrained: room for the legend below
+    bpb = [r for r in evals if "val_bpb" in r]  # metrics written before bits per byte was measured have none
+    layout = dict(figsize=(9, 8), nrows=2, sharex=True, height_ratios=(2, 1)) if bpb else dict(figsize=(9, 5))
+    fig, axes = plt.subplots(**layout, layout="constrained", squeeze=False)  # constrained: room for the legend
+    loss_axis = axes[0, 0]
     loss_axis.plot([r["iter"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train loss (batch)")
     loss_axis.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss (eval)")
     loss_axis.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
     low, high, clipped = loss_range(train, evals)
     loss_axis.set_ylim(low, high)
-    loss_axis.set_xlabel("iteration (optimizer update)")
     loss_axis.set_ylabel("cross-entropy loss")
     lr_axis = loss_axis.twinx()
     lr_axis.plot([r["iter"] for r in train], [r["lr"] for r in train], "k--", alpha=0.5, label="learning rate")
     lr_axis.set_ylabel("learning rate")
     handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
-    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=len(handles))
+    if bpb:
+        bpb_axis = axes[1, 0]
+        for split, color in (("train", "C1"), ("val", "C2")):  # the colours of the losses above
+            values = [r[f"{split}_bpb"] for r in bpb]
+            bpb_axis.plot([r["iter"] for r in bpb], values, "o:", color=color, label=f"{split} bits per byte")
+        bpb_axis.set_ylabel("bits per byte")
+        handles += bpb_axis.get_legend_handles_labels()[0]
+    axes[-1, 0].set_xlabel("iteration (optimizer update)")
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=min(len(handles), 4))
     loss_axis.set_title(str(run_dir) + clipped_note(clipped))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

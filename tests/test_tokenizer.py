@@ -4,17 +4,20 @@ identities, separators, and every refusal."""
 import hashlib
 import inspect
 import json
+import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tiktoken_ext.openai_public
-from tokenizers import Tokenizer, models, pre_tokenizers
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from data import tokenizer as tokenizer_module
 from data.errors import DataError
-from data.tokenizer import GPT2_RANKS, gpt2, load_tokenizer, tokenizer_from_record
+from data.tokenizer import GPT2_RANKS, HFTokenizer, gpt2, load_tokenizer, tokenizer_from_record
+from training.trainer import target_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 # Ids of tiktoken's r50k_base, recorded from tiktoken.get_encoding("r50k_base").
@@ -158,3 +161,88 @@ def _drop_eos(directory: Path) -> Path:
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<eos>"]
     (directory / "tokenizer.json").write_text(json.dumps(data))
     return directory
+
+
+# --- bytes per token, for bits per byte ---------------------------------------------------------------------------
+
+BYTE_TEXTS = [
+    "naïve café — 東京 🚀",
+    "emoji 👩‍👩‍👧 flags 🇫🇷 and ½ ∑ Ω",
+    "  two leading and two trailing spaces  ",
+    " one each side ",
+    "\n\nnewlines first\r\n\tthen a tab and last\n",
+    "the theme: the café",
+    "",
+    " ",
+]
+
+
+def sentencepiece_like(dummy_prefix: bool = False) -> HFTokenizer:
+    """Gemma 3's tokenizer.json in small: spaces normalized to `▁`, a BPE over characters with byte fallback for the
+    rest (`<0xNN>`: CJK and emoji here), Gemma's decoder. `dummy_prefix`: Llama's instead, which puts a `▁` before
+    the first piece (a Prepend normalizer) and strips it when decoding."""
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "▁"), ("c", "a"), ("ca", "f"), ("caf", "é")]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3} | {f"<0x{b:02X}>": 4 + b for b in range(256)}
+    for piece in ["▁", "\n", *string.ascii_letters, *string.digits, *string.punctuation, "é", "ï", "—"]:
+        vocab[piece] = len(vocab)
+    for merge in merges:
+        vocab["".join(merge)] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    spaces = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if dummy_prefix else spaces
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * dummy_prefix)
+    backend.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    return HFTokenizer(backend.to_str(), "sentencepiece-like", {"bos_id": 2, "eos_id": 1, "stop_ids": [1]})
+
+
+def byte_level_bpe() -> HFTokenizer:
+    """A byte-level BPE tokenizer.json (GPT-2's spelling of bytes as characters) with one merge and an `<eos>`."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"Ġt": 256, "<eos>": 257}
+    backend = Tokenizer(models.BPE(vocab, [("Ġ", "t")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>"])
+    return HFTokenizer(backend.to_str(), "byte-level", {"bos_id": None, "eos_id": 257, "stop_ids": [257]})
+
+
+def stream_bytes(tokenizer, text: str) -> int:
+    """The bytes evaluation counts for `text` as one document of a packed stream: its targets after the previous
+    document's last token (eos), through its own eos."""
+    stream = torch.tensor([tokenizer.eos_id] + tokenizer.document_ids(text))
+    table = torch.tensor(tokenizer.token_bytes())
+    return target_bytes(stream[:-1], stream[1:], table, tokenizer).sum().item()
+
+
+@pytest.mark.parametrize(
+    "make", [gpt2, sentencepiece_like, byte_level_bpe, lambda: sentencepiece_like(dummy_prefix=True)]
+)
+def test_token_bytes_add_up_to_the_texts_bytes(make):
+    """Whatever the tokenizer, a text's targets count exactly its UTF-8 bytes: special tokens none, `▁` one space,
+    `<0xNN>` one byte, a byte-level character one byte. A dummy prefix (Llama's `▁` before the first piece, which
+    the text did not have and decoding strips) is not the text's: the target after a document start loses it."""
+    tokenizer = make()
+    table = tokenizer.token_bytes()
+    assert len(table) == tokenizer.vocab_size and table[tokenizer.eos_id] == 0 and tokenizer.token_bytes() is table
+    texts = BYTE_TEXTS + varied_strings()[-12:]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text  # lossless, so its bytes are the text's
+        assert stream_bytes(tokenizer, text) == len(text.encode()), text
+        assert sum(table[i] for i in ids) == len(text.encode()) + (tokenizer.dummy_prefix and bool(text)), text
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.backend.model.byte_fallback:
+        ids = tokenizer.encode("a東")[-3:]  # not in the vocabulary: three byte pieces
+        assert ids == [tokenizer.backend.token_to_id(f"<0x{b:02X}>") for b in "東".encode()]
+        assert [table[i] for i in ids] == [1, 1, 1] and table[tokenizer.backend.token_to_id("▁")] == 1
+
+
+def test_ignored_targets_count_no_bytes():
+    tokenizer = gpt2()
+    y = torch.tensor(tokenizer.encode(" café 東京"))
+    masked = y.clone()
+    masked[::2] = -100  # IGNORE_INDEX
+    counts = target_bytes(y, masked, torch.tensor(tokenizer.token_bytes()), tokenizer)
+    assert counts[::2].tolist() == [0] * len(y[::2])
+    assert counts.sum() == len(tokenizer.encoding.decode_bytes(y[1::2].tolist()))

@@ -298,6 +298,69 @@ def test_run_logs_evaluates_and_checkpoints(straight_run):
     assert load_checkpoint(run_dir / "best.pt")["best_val_loss"] == checkpoint["best_val_loss"]
 
 
+def test_evaluations_report_bits_per_byte_over_every_evaluated_byte(straight_run):
+    """val_bpb and train_bpb are the evaluation's nats over ln 2 x the UTF-8 bytes of its targets, counted here
+    apart from the run: the same fixed-seed batches, decoded to bytes by tiktoken itself."""
+    from data.loader import BatchLoader
+    from data.prepare import DATA_ROOT
+    from training.trainer import EVAL_SEED
+
+    run_dir, output = straight_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    config = next(r for r in rows if r["kind"] == "config")["training"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    encoding = gpt2().encoding
+    for split in ("train", "val"):
+        shape = {key: config[key] for key in ("batch_size", "block_size")}
+        loader = BatchLoader(DATA_ROOT / config["dataset"], split, **shape, seed=EVAL_SEED, tokenizer=gpt2())
+        targets = torch.cat([loader.next_batch()[1].flatten() for _ in range(config["eval_iters"])])
+        n_bytes = len(encoding.decode_bytes([t for t in targets.tolist() if t != encoding.eot_token]))
+        for row in evals:
+            expected = row[f"{split}_loss"] * len(targets) / (math.log(2) * n_bytes)
+            assert row[f"{split}_bpb"] == pytest.approx(expected, rel=1e-5)
+    last = evals[-1]
+    assert f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.4f} bpb)" in output
+    assert load_checkpoint(run_dir / "best.pt")["best_val_bpb"] == min(evals, key=lambda r: r["val_loss"])["val_bpb"]
+
+
+def test_evaluation_counts_only_the_targets_that_count_and_sums_over_all_of_them(monkeypatch):
+    """Masked targets (IGNORE_INDEX) add neither nats nor bytes, and loss and bits per byte are sums over every
+    evaluated target, not means of per-batch figures: the batches here count 64, 44, 4 and 0 targets."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from architecture import IGNORE_INDEX, Gemma3Model, ModelConfig
+    from training import trainer
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for masked in (0, 20, 60, 64):
+        x, y = torch.randint(0, 50257, (2, 2, 32), generator=generator)
+        y.view(-1)[:masked] = IGNORE_INDEX
+        batches.append((x, y))
+
+    class Loader:  # what evaluate reads, in place of the dataset's batches
+        def __init__(self, **_):
+            self.device, self.batches = torch.device("cpu"), iter(batches)
+
+        def next_batch(self):
+            return next(self.batches)
+
+    monkeypatch.setattr(trainer, "BatchLoader", Loader)
+    model = Gemma3Model(ModelConfig(**TINY_MODEL))
+    loader_args = {"tokenizer": gpt2(), "device": torch.device("cpu")}
+    losses = trainer.evaluate(model, loader_args, len(batches), contextlib.nullcontext())
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]).flatten()
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x)[0].flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="sum").item()
+    targets = [t for t in y.tolist() if t != IGNORE_INDEX]
+    n_bytes = len(gpt2().encoding.decode_bytes([t for t in targets if t != gpt2().eos_id]))
+    for split in ("train", "val"):
+        assert losses[split] == pytest.approx(nats / len(targets), rel=1e-5)
+        assert losses[f"{split}_bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+
+
 def test_the_log_reports_the_gradient_norm_before_clipping(straight_run):
     run_dir, output = straight_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -317,7 +380,8 @@ def test_redirected_log_is_plain_lines_with_config_differences_and_a_summary(str
     assert config_row["training"]["weight_decay"] == 0.1 and config_row["model"]["emb_dim"] == 32  # all of it
     checkpoint = load_checkpoint(run_dir / "best.pt")
     summary = output[output.index("finished at iteration 12 of 12") :]
-    assert f"best val loss {checkpoint['best_val_loss']:.4f} at iteration {checkpoint['best_iter']}" in summary
+    best = f"best val loss {checkpoint['best_val_loss']:.4f} ({checkpoint['best_val_bpb']:.4f} bpb)"
+    assert f"{best} at iteration {checkpoint['best_iter']}" in summary
     assert f"python sample.py --ckpt {run_dir}" in summary and f"python scripts/plot_loss.py {run_dir}" in summary
 
 
@@ -355,6 +419,24 @@ def test_plot_title_counts_the_points_above_the_axis_in_words():
 
 
 @pytest.mark.slow
+def test_plot_draws_bits_per_byte_below_the_losses_when_the_metrics_have_it(tmp_path):
+    """A second panel for eval rows with train_bpb / val_bpb; metrics written before bpb was measured plot as before."""
+    from scripts.plot_loss import plot
+
+    rows = [{"kind": "train", "iter": i, "loss": 10 / i, "lr": 1e-3} for i in range(1, 9)]
+    evals = [{"kind": "eval", "iter": i, "train_loss": 9 / i, "val_loss": 10 / i} for i in (4, 8)]
+    heights = {}
+    for name, extra in (("old", {}), ("new", {"train_bpb": 1.2, "val_bpb": 1.3})):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps(r) for r in rows + [{**r, **extra} for r in evals]]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        plot(tmp_path / name, tmp_path / name / "loss.png")
+        png = (tmp_path / name / "loss.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        heights[name] = int.from_bytes(png[20:24], "big")  # the IHDR chunk's height
+    assert heights["new"] > 1.5 * heights["old"]  # the bits-per-byte panel below the losses
+
+
 def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
     config = run_config(tmp_path)
     process = train_process(config, start_new_session=True)

@@ -11,6 +11,9 @@ Design choices:
   checkpointing before it, so neither counts in tokens/s. The first iteration of a compiled run includes
   compilation; its time is logged as such.
 - On CUDA each logged iteration also reports the peak memory the process's tensors have held (`peak_memory_gib`).
+- Evaluations give each loss in nats per token and in bits per byte (bpb: nats / (ln 2 x the UTF-8 bytes of the
+  targets' text)), which does not depend on the tokenizer: a GPT-2-vocabulary and a Gemma-vocabulary model trained
+  on the same text compare by it.
 - The summary at the end says where the run got (best val loss and where, the checkpoints on disk, time) and the
   commands to run next.
 """
@@ -172,10 +175,18 @@ class RunLogger(NullLogger):
         )
 
     def evaluation(self, run, losses: dict, lr: float, improved: bool) -> None:
-        self.metrics.log("eval", run.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+        self.metrics.log(
+            "eval",
+            run.iter_num,
+            train_loss=losses["train"],
+            val_loss=losses["val"],
+            train_bpb=losses["train_bpb"],
+            val_bpb=losses["val_bpb"],
+            lr=lr,
+        )
         self.write(
-            f"eval {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            + (" (best)" if improved else "")
+            f"eval {run.iter_num}: train loss {losses['train']:.4f} ({losses['train_bpb']:.4f} bpb), "
+            f"val loss {losses['val']:.4f} ({losses['val_bpb']:.4f} bpb)" + (" (best)" if improved else "")
         )
         self.last = time.perf_counter()  # the next iteration's time excludes evaluation and checkpointing
 
@@ -187,8 +198,9 @@ class RunLogger(NullLogger):
             f"({done} in this process, {duration(time.perf_counter() - self.started)})"
         ]
         if run.best_iter is not None:
+            bpb = f" ({run.best_val_bpb:.4f} bpb)" if run.best_val_bpb is not None else ""
             lines.append(
-                f"best val loss {run.best_val_loss:.4f} at iteration {run.best_iter}: {self.out_dir / 'best.pt'}"
+                f"best val loss {run.best_val_loss:.4f}{bpb} at iteration {run.best_iter}: {self.out_dir / 'best.pt'}"
             )
         if (self.out_dir / "latest.pt").is_file():
             lines.append(f"latest: {self.out_dir / 'latest.pt'} (iteration {run.iter_num})")

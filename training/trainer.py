@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from architecture import Gemma3Model, ModelConfig
+from architecture import IGNORE_INDEX, Gemma3Model, ModelConfig
 from architecture.config import REPO_ROOT, ConfigError
 from architecture.hf_weights import hub_snapshot
 from data.errors import UserError
@@ -168,20 +168,43 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+def target_bytes(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
+    """The UTF-8 bytes of text each target token stands for, by position: `table` (the tokenizer's `token_bytes()`
+    on the device) gathered at the targets, 0 at ignored ones, less a dummy prefix's `▁` on the first piece of a
+    document (the target that follows the token a document starts with)."""
+    valid = y != IGNORE_INDEX
+    counts = table[y.masked_fill(~valid, 0)] * valid
+    if tokenizer.dummy_prefix:
+        start = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+        counts -= ((x == start) & (counts > 0)).long()
+    return counts
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader_args: dict, eval_iters: int, autocast) -> dict:
-    """Mean loss per split over `eval_iters` batches: fresh loaders with a fixed seed, so every evaluation of a
-    run (and of a resumed run) reads the same batches and the figures are comparable."""
+    """Loss per split over `eval_iters` batches, in nats per token ("train", "val") and bits per byte ("train_bpb",
+    "val_bpb"): both are sums over every evaluated target (nats / tokens, nats / (ln 2 x bytes)), not means of
+    per-batch figures, so targets ignored by the loss count in neither. Fresh loaders with a fixed seed: every
+    evaluation of a run (and of a resumed run) reads the same batches and the figures are comparable."""
     model.eval()
+    tokenizer, device = loader_args["tokenizer"], loader_args["device"]
+    table = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     losses = {}
     for split in ("train", "val"):
         loader = BatchLoader(split=split, seed=EVAL_SEED, **loader_args)
-        total = torch.zeros((), device=loader.device)
+        nats = torch.zeros((), device=loader.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=loader.device)
+        n_bytes = torch.zeros((), dtype=torch.int64, device=loader.device)
         for _ in range(eval_iters):
             x, y = loader.next_batch()
             with autocast:
-                total += model(x, y, return_logits=False)[1].float()
-        losses[split] = (total / eval_iters).item()
+                mean = model(x, y, return_logits=False)[1].float()  # over the targets that count
+            batch_tokens = (y != IGNORE_INDEX).sum()
+            nats += torch.where(batch_tokens > 0, mean * batch_tokens, 0.0)  # a batch with none has a NaN mean
+            tokens += batch_tokens
+            n_bytes += target_bytes(x, y, table, tokenizer).sum()
+        losses[split] = (nats / tokens).item()
+        losses[f"{split}_bpb"] = (nats / (math.log(2) * n_bytes)).item()
     model.train()
     return losses
 
@@ -200,6 +223,7 @@ class Run:
     iter_num: int = 0  # optimizer updates done
     best_val_loss: float = math.inf
     best_iter: int | None = None  # where best_val_loss was reached
+    best_val_bpb: float | None = None  # val bits per byte there (None in checkpoints written before it was measured)
     loss_ema: float | None = None  # running mean of the training loss, for the spike guard
     world: Distributed = field(default_factory=Distributed)
     device: torch.device = torch.device("cpu")
@@ -227,6 +251,7 @@ class Run:
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
             "best_iter": self.best_iter,
+            "best_val_bpb": self.best_val_bpb,
             "loss_ema": self.loss_ema,
             "optimizer": self.optimizer.state_dict(),
             "loader": self.train_loader.state_dict(),
@@ -239,6 +264,7 @@ class Run:
         self.train_loader.load_state_dict(checkpoint["loader"])
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.best_iter, self.loss_ema = checkpoint.get("best_iter"), checkpoint.get("loss_ema")
+        self.best_val_bpb = checkpoint.get("best_val_bpb")
         self.saved_iter = self.iter_num
         torch.set_rng_state(checkpoint["rng"]["torch"])
 
@@ -434,11 +460,11 @@ def train_step(run: Run, stop_request: StopRequest) -> tuple[float, torch.Tensor
 def evaluate_and_checkpoint(run: Run, logger: NullLogger, lr: float) -> dict:
     """Evaluate, then write latest.pt, and best.pt when val loss improved (rank 0 only)."""
     losses = evaluate(run.eval_model, run.loader_args, run.config.eval_iters, run.autocast)
-    if not all(map(math.isfinite, losses.values())):
+    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
         raise TrainingError(diverged_message(run, f"evaluation losses are {losses} at iteration {run.iter_num}"))
     improved = losses["val"] < run.best_val_loss
     if improved:
-        run.best_val_loss, run.best_iter = losses["val"], run.iter_num
+        run.best_val_loss, run.best_val_bpb, run.best_iter = losses["val"], losses["val_bpb"], run.iter_num
     logger.evaluation(run, losses, lr, improved)
     run.lock.check()  # the evaluation took a while: the out_dir may have been removed meanwhile
     state = run.state_dict()
@@ -594,4 +620,4 @@ def make_best_consistent(run: Run) -> None:
             f"note: {best} (iteration {run.best_iter}) is missing or stale; the next evaluation that improves "
             "on the val loss writes a new one"
         )
-        run.best_val_loss, run.best_iter = math.inf, None
+        run.best_val_loss, run.best_val_bpb, run.best_iter = math.inf, None, None
