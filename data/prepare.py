@@ -164,7 +164,7 @@ def prepare(
         description |= {"val_fraction": val_fraction, "split_seed": seed}
     out_dir = Path(data_root) / name
     try:
-        created = not out_dir.exists()
+        made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # what mkdir makes, deepest first
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / ".lock", "w")
     except OSError as e:  # a read-only file system, a path component that is a file, a name too long
@@ -180,10 +180,11 @@ def prepare(
             num_proc = num_proc or os.cpu_count() or 1
             _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)
     except BaseException:
-        if created:  # a failed first build leaves no empty data/<name>/ behind
+        if made:  # a failed first build leaves no empty data/<name>/ (nor a --data-root it made) behind
             (out_dir / ".lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                out_dir.rmdir()
+                for directory in made:
+                    directory.rmdir()
         raise
     return out_dir
 
@@ -206,7 +207,8 @@ def _build(
         first = next(batches, None)
     except OSError as e:  # a source file that cannot be read
         where = e.filename or sources.command_source(description)
-        raise DataError(f"cannot read {where} ({e.strerror or e}); {out_dir} was left as it was") from None
+        kept = f"{out_dir} was left as it was" if (out_dir / "meta.json").exists() else "nothing was written"
+        raise DataError(f"cannot read {where} ({e.strerror or e}); {kept}") from None
     batches = itertools.chain([first], batches) if first else iter(())
     # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
     for f in ("meta.json", "train.bin", "val.bin"):

@@ -12,6 +12,7 @@ so a failed export (a full disk) leaves what was there. The arguments are checke
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def check_args(args: argparse.Namespace) -> None:
     try:
         if out.is_dir() or not out.parent.is_dir():
             raise UserError(f"--out {out} must be a file in an existing directory")
+        if not os.access(out.parent, os.W_OK):
+            raise UserError(f"--out {out} cannot be written: {out.parent} is read-only or not ours to write")
         if out.exists() and not args.force:
             raise UserError(f"--out {out} exists; pass --force to replace it, or choose another name")
         if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():

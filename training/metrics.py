@@ -109,7 +109,7 @@ class MetricsLog:
         try:
             self.cut_torn_line = resume_from_iter is not None and cut_torn_line(self.path)
         except OSError as e:
-            raise os_error(self.path, "cut the torn last line of", e, "the checkpoints on disk are kept") from None
+            raise os_error(self.path, "check the last line of", e, "the checkpoints on disk are kept") from None
         if resume_from_iter is not None:
             self.log("resume", resume_from_iter)
 

@@ -99,9 +99,12 @@ class RunDirLock:
         try:
             self.made_out_dir = not out_dir.exists()
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
         except OSError as e:
             raise os_error(out_dir, "create the run directory", e, "nothing was written") from None
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise os_error(self.path, "open the lock file", e, "nothing was written") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
