@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from architecture.config import DTYPES, file_problem
+from data.cli import ArgumentParser
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ class SampleError(UserError, ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample text from a checkpoint or a Hugging Face Gemma 3 model.")
+    parser = ArgumentParser(description="Sample text from a checkpoint or a Hugging Face Gemma 3 model.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint file, or a run's out_dir (its best.pt, else latest.pt)")
     source.add_argument("--hf-dir", help="local Hugging Face Gemma 3 directory with tokenizer.json")

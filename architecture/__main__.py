@@ -1,10 +1,10 @@
 """`python -m architecture [--config FILE]`: parameter count by component and KV-cache size of a model config."""
 
-import argparse
 import sys
 
 import torch
 
+from data.cli import ArgumentParser
 from data.errors import UserError
 
 from . import DEFAULT_MODEL_CONFIG, Gemma3Model, ModelConfig
@@ -29,7 +29,7 @@ def parameter_counts(model: Gemma3Model) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(DEFAULT_MODEL_CONFIG), help="model config JSON")
     args = parser.parse_args()
     try:

@@ -27,7 +27,6 @@ Design choices:
   only run the tokenizer, so forking a training process that already uses CUDA is safe.
 """
 
-import argparse
 import contextlib
 import fcntl
 import itertools
@@ -43,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import sources
+from data.cli import ArgumentParser
 from data.errors import DataError, UserError
 from data.meta import prepare_command, read_meta, token_dtype, token_file_mismatch, write_meta
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
@@ -297,7 +297,7 @@ def ensure_prepared(dataset: str, tokenizer: Tokenizer, data_root: str | Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", default="tinystories", help=f"{', '.join(sources.KNOWN)}, HF id, or files")
     parser.add_argument("--name", help="output directory data/<name>/ (default: from the source)")
     parser.add_argument(

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from architecture.config import file_problem
+from data.cli import ArgumentParser
 from data.errors import UserError
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")  # architecture.gguf_export.DTYPES, which cannot be imported without torch
@@ -62,7 +63,7 @@ def export(source: str, out: Path, dtype: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint file, or a run's out_dir (best.pt, else latest.pt)")
     source.add_argument(

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from architecture.config import DTYPES, file_problem  # torch-free, as is the architecture package's own import
+from data.cli import ArgumentParser
 from data.errors import UserError
 
 # What an export writes (a GPT-2 tokenizer adds vocab.json and merges.txt): a directory of these alone is replaced.
@@ -95,7 +96,7 @@ def write_export(model, tokenizer, out: Path, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint file, or a run's out_dir (best.pt, else latest.pt)")
     parser.add_argument(
         "--out",

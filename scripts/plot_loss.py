@@ -15,10 +15,11 @@ when complete, so a failed write (a full disk) leaves what was there. The paths 
 training.metrics (which imports torch) are imported, so a mistyped run directory is answered at once.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
+
+from data.cli import ArgumentParser
 
 
 def loss_range(train: list[dict], evals: list[dict]) -> tuple[float, float, int]:
@@ -111,7 +112,7 @@ def output_path(run: Path, out: Path | None, force: bool) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run's out_dir, or its metrics.jsonl")
     parser.add_argument(
         "--out",

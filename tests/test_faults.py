@@ -436,6 +436,49 @@ def test_a_stop_signal_during_start_up_is_one_line(tmp_path, signum):
     assert not (tmp_path / "run").exists()
 
 
+# Each argparse entry point with a flag given twice, as typed (`--flag value`, `--flag=value`, an abbreviation, a
+# store_true flag, one of a mutually exclusive group), and what its refusal names; every path lies under {tmp}.
+DUPLICATED_FLAGS = {
+    "sample.py": (
+        ["sample.py", "--ckpt", "{tmp}/ckpt.pt", "--temperature", "0.5", "--temp=0.9"],
+        "--temperature 0.5 and --temp=0.9 both set --temperature; keep one",
+    ),
+    "sample.py store_true": (["sample.py", "--hf-dir", "{tmp}/hf", "--int8", "--int8"], "--int8 and --int8 both set"),
+    "prepare.py": (
+        ["data/prepare.py", "{tmp}/a.txt", "--data-root", "{tmp}/data", "--name", "a", "--name=b"],
+        "--name a and --name=b both set --name",
+    ),
+    "export_gguf.py": (
+        ["scripts/export_gguf.py", "--ckpt", "{tmp}/a.pt", "--ckpt={tmp}/b.pt", "--out", "{tmp}/x.gguf"],
+        "--ckpt {tmp}/a.pt and --ckpt={tmp}/b.pt both set --ckpt",
+    ),
+    "export_hf.py": (
+        ["scripts/export_hf.py", "--ckpt", "{tmp}/a.pt", "--out", "{tmp}/a", "--out", "{tmp}/b"],
+        "--out {tmp}/a and --out {tmp}/b both set --out",
+    ),
+    "plot_loss.py": (["scripts/plot_loss.py", "{tmp}/run", "--force", "--f"], "--force and --f both set --force"),
+    "python -m architecture": (
+        ["-m", "architecture", "--config", "{tmp}/a.json", "--conf={tmp}/b.json"],
+        "--config {tmp}/a.json and --conf={tmp}/b.json both set --config",
+    ),
+}
+
+
+@pytest.mark.parametrize("args, message", DUPLICATED_FLAGS.values(), ids=DUPLICATED_FLAGS.keys())
+def test_a_flag_given_twice_is_refused_by_every_entry_point(tmp_path, args, message):
+    """As train.py refuses --max_iters=5 --max_iters=7 (one of the values would be lost without a word), so does
+    every other entry point: one line, before any work, and before torch where the script defers it."""
+    command = [sys.executable, "-X", "importtime", *(arg.format(tmp=tmp_path) for arg in args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this tree's packages, wherever `pip install -e` points
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    expect_refusal(stderr, result.returncode, message.format(tmp=tmp_path))
+    assert len(stderr.splitlines()) == 1 and not result.stdout, stderr
+    assert "torch" not in imported or args[0] == "-m"  # python -m architecture imports torch with its package
+    assert not any(tmp_path.iterdir())
+
+
 # --- settings accepted then misbehaving, resume that changes the run, data changed under a run ----------------------
 
 

@@ -222,11 +222,14 @@ def test_num_proc_and_data_root_refusals_are_one_line(corpus, tmp_path):
         (["--num-proc", "0"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got 0"),
         (["--num-proc", "-3"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got -3"),
         (["--num-proc", "100000"], f"--num-proc must be 1 to {limit} (4 x the CPU count), got 100000"),
-        (["--data-root", str(tmp_path / "file")], f"cannot create {tmp_path / 'file' / 'c'} (Not a directory)"),
-        (["--data-root", str(tmp_path / ("r" * 300))], "(File name too long); nothing was written"),
+        (
+            ["--num-proc", "1", "--data-root", str(tmp_path / "file")],
+            f"cannot create {tmp_path / 'file' / 'c'} (Not a directory)",
+        ),
+        (["--num-proc", "1", "--data-root", str(tmp_path / ("r" * 300))], "(File name too long); nothing was written"),
     ]
     for args, fragment in cases:
-        result = prepare_command(str(corpus), "--name", "c", "--num-proc", "1", *args)
+        result = prepare_command(str(corpus), "--name", "c", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "file"]

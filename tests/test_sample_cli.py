@@ -77,7 +77,7 @@ def run_dir(tmp_path_factory):
 
 def run_main(capsys, *argv):
     """sample.py's main on the CPU (these tests mean the CPU's paths; `--device auto` would take a GPU where there
-    is one), unless `argv` names a device."""
+    is one); `argv` naming a device too is refused, as any flag given twice is."""
     sample.main(["--device", "cpu", *argv])
     return capsys.readouterr()
 
