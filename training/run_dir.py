@@ -27,7 +27,7 @@ from pathlib import Path
 from architecture.config import REPO_ROOT
 from data.errors import UserError
 
-CHECKPOINTS = ("latest.pt", "best.pt")
+CHECKPOINTS = ("latest.pt", "best.pt", "pre_decay.pt")  # pre_decay.pt: where a wsd run's decay began
 RUN_FILES = (*CHECKPOINTS, "metrics.jsonl")
 
 
