@@ -41,11 +41,23 @@ def refused(config: Path, *args: str, fragments: tuple[str, ...] = (), env: dict
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """12 iterations without a stop, evaluated every 3: the reference run."""
-    tmp_path = tmp_path_factory.mktemp("straight")
-    run_train(run_config(tmp_path, eval_interval=3))
-    return tmp_path / "run"
+def straight_runs(tmp_path_factory):
+    """12 iterations without a stop, evaluated every 3, by optimizer, each run on first use: the reference runs."""
+    runs = {}
+
+    def straight(optimizer: str) -> Path:
+        if optimizer not in runs:
+            tmp_path = tmp_path_factory.mktemp(f"straight-{optimizer}")
+            run_train(run_config(tmp_path, eval_interval=3, optimizer=optimizer))
+            runs[optimizer] = tmp_path / "run"
+        return runs[optimizer]
+
+    return straight
+
+
+@pytest.fixture(scope="module")
+def straight(straight_runs) -> Path:
+    return straight_runs("adamw")
 
 
 @pytest.mark.slow
@@ -72,15 +84,16 @@ def test_second_run_on_the_same_out_dir_is_refused_and_the_first_goes_on(tmp_pat
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_gives_identical_losses(straight, tmp_path):
-    config = run_config(tmp_path, eval_interval=3)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigterm_then_resume_gives_identical_losses(straight_runs, tmp_path, optimizer):
+    config = run_config(tmp_path, eval_interval=3, optimizer=optimizer)
     process = train_process(config, start_new_session=True)
     wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 4, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     run_train(config, "--init_from=resume")
-    assert losses(tmp_path / "run") == losses(straight)
+    assert losses(tmp_path / "run") == losses(straight_runs(optimizer))
 
 
 @pytest.mark.slow
@@ -101,8 +114,9 @@ def test_torn_metrics_line_then_resume(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight, tmp_path):
-    config = run_config(tmp_path, eval_interval=3, max_iters=12)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight_runs, tmp_path, optimizer):
+    config = run_config(tmp_path, eval_interval=3, max_iters=12, optimizer=optimizer)
     process = train_process(config, start_new_session=True)
     wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 5, process)
     process.kill()  # kill -9 after iteration 5: latest.pt is at 3, rows 4 and 5 belong to a lost future
@@ -113,7 +127,7 @@ def test_rows_past_the_checkpoint_are_superseded_not_deleted(straight, tmp_path)
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(logged)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train_rows = [(r["iter"], r["loss"]) for r in rows if r["kind"] == "train"]
-    assert train_rows == sorted(losses(straight).items())  # one history, each iteration once
+    assert train_rows == sorted(losses(straight_runs(optimizer)).items())  # one history, each iteration once
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,11 +280,22 @@ def test_checkpoint_writes_are_atomic_and_reads_are_safe(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """12 iterations without a stop; the reference for resume and DDP."""
-    tmp_path = tmp_path_factory.mktemp("straight")
-    output = run_train(run_config(tmp_path))
-    return tmp_path / "run", output
+def straight_runs(tmp_path_factory):
+    """12 iterations without a stop, by optimizer, each run on first use: the references for resume and DDP."""
+    runs = {}
+
+    def straight(optimizer: str) -> tuple[Path, str]:
+        if optimizer not in runs:
+            tmp_path = tmp_path_factory.mktemp(f"straight-{optimizer}")
+            runs[optimizer] = tmp_path / "run", run_train(run_config(tmp_path, optimizer=optimizer))
+        return runs[optimizer]
+
+    return straight
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_runs):
+    return straight_runs("adamw")
 
 
 def test_run_logs_evaluates_and_checkpoints(straight_run):
@@ -437,29 +449,80 @@ def test_plot_draws_bits_per_byte_below_the_losses_when_the_metrics_have_it(tmp_
     assert heights["new"] > 1.5 * heights["old"]  # the bits-per-byte panel below the losses
 
 
-def test_ctrl_c_then_resume_gives_identical_losses(straight_run, tmp_path):
-    config = run_config(tmp_path)
+def ctrl_c_after(config: Path, iteration: int) -> tuple[int, str]:
+    """Run train.py on `config` and press Ctrl-C once it has logged `iteration`: the iteration its latest.pt holds,
+    and its output."""
+    run_dir = Path(json.loads(config.read_text())["out_dir"])
     process = train_process(config, start_new_session=True)
-    wait_for_iteration(tmp_path / "run" / "metrics.jsonl", 3, process)
+    wait_for_iteration(run_dir / "metrics.jsonl", iteration, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    stopped_at = load_checkpoint(tmp_path / "run" / "latest.pt")["iter_num"]
+    return load_checkpoint(run_dir / "latest.pt")["iter_num"], output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ctrl_c_then_resume_gives_identical_losses(straight_runs, tmp_path, optimizer):
+    config = run_config(tmp_path, optimizer=optimizer)
+    stopped_at, output = ctrl_c_after(config, 3)
     assert 3 <= stopped_at < 12, output
     assert f"stopped at iteration {stopped_at}" in output
 
     run_train(config, "--init_from=resume")
-    assert losses(tmp_path / "run") == losses(straight_run[0])  # bit-identical, iteration by iteration
+    assert losses(tmp_path / "run") == losses(straight_runs(optimizer)[0])  # bit-identical, iteration by iteration
+
+
+@pytest.fixture(scope="module")
+def straight_wsd(tmp_path_factory) -> Path:
+    """20 iterations of wsd, decaying from iteration 16: what an extended or a branched shorter run must give."""
+    tmp_path = tmp_path_factory.mktemp("straight-wsd")
+    run_train(run_config(tmp_path, lr_schedule="wsd", max_iters=20))
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_a_wsd_run_extended_in_its_stable_phase_is_the_longer_run(straight_wsd, tmp_path):
+    config = run_config(tmp_path, lr_schedule="wsd", max_iters=12)  # decays from iteration 10
+    stopped_at, output = ctrl_c_after(config, 3)
+    assert stopped_at < 10, output
+
+    output = run_train(config, "--init_from=resume", "--max_iters=20")  # no --allow_recipe_change: nothing changes
+    assert "note: max_iters 12 -> 20: the wsd decay starts at iteration 16 (was 10); the" in output
+    assert losses(tmp_path / "run") == losses(straight_wsd)  # bit-identical, iteration by iteration
+
+
+@pytest.mark.slow
+def test_a_longer_run_branched_from_pre_decay_is_the_longer_run(straight_wsd, tmp_path):
+    config = run_config(tmp_path, lr_schedule="wsd", max_iters=12)
+    run_train(config)
+    run_dir, branch = tmp_path / "run", tmp_path / "branch"
+    assert load_checkpoint(run_dir / "pre_decay.pt")["iter_num"] == 10
+    # The finished run is past its decay's start: a new max_iters would reshape that decay, so it is refused.
+    process = train_process(config, "--init_from=resume", "--max_iters=20")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2 and "reshape a decay already begun" in output, output
+    assert f"branch a longer run from {run_dir / 'pre_decay.pt'}" in output
+
+    branch.mkdir()  # the README's recipe: pre_decay.pt as a new out_dir's latest.pt, resumed with a larger max_iters
+    shutil.copyfile(run_dir / "pre_decay.pt", branch / "latest.pt")
+    run_train(config, "--init_from=resume", f"--out_dir={branch}", "--max_iters=20")
+    straight = losses(straight_wsd)
+    assert losses(branch) == {i: straight[i] for i in range(11, 21)}
+    assert {i: loss for i, loss in losses(run_dir).items() if i <= 10} == {i: straight[i] for i in range(1, 11)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "compile, port, tolerance", [(False, 29731, 1e-5), (True, 29732, 1e-4)], ids=["eager", "compiled"]
+    "optimizer, compile, port, tolerance",
+    [("adamw", False, 29731, 1e-5), ("adamw", True, 29732, 1e-4), ("muon", False, 29733, 1e-5)],
+    ids=["eager", "compiled", "muon"],
 )
-def test_two_process_ddp_matches_one_process(straight_run, tmp_path, compile, port, tolerance):
+def test_two_process_ddp_matches_one_process(straight_runs, tmp_path, optimizer, compile, port, tolerance):
     """2 micro-batches per process per update: the first under no_sync, the second all-reduced. Compiled, DDP is
-    inside torch.compile (dynamo cuts the graph at DDP's gradient buckets)."""
-    config = run_config(tmp_path)
+    inside torch.compile (dynamo cuts the graph at DDP's gradient buckets). Each rank's Muon orthogonalises the same
+    all-reduced gradients, so its ranks stay in step as AdamW's do."""
+    config = run_config(tmp_path, optimizer=optimizer)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -474,7 +537,7 @@ def test_two_process_ddp_matches_one_process(straight_run, tmp_path, compile, po
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    single, ddp = losses(straight_run[0]), losses(tmp_path / "run")
+    single, ddp = losses(straight_runs(optimizer)[0]), losses(tmp_path / "run")
     assert single.keys() == ddp.keys()
     for iteration in single:  # same data and update; the order of float additions differs (and inductor fuses)
         assert ddp[iteration] == pytest.approx(single[iteration], rel=tolerance), iteration
