@@ -103,7 +103,8 @@ def output_path(run: Path, out: Path | None, force: bool) -> Path:
         if not out.suffix:
             raise ValueError(f"--out {out} names no image type: give a file such as {out}.png, or a directory")
         if not out.parent.is_dir():
-            raise ValueError(f"--out {out}: {out.parent} is not a directory")
+            what = "is not a directory" if out.parent.exists() else "does not exist"
+            raise ValueError(f"--out {out}: {out.parent} {what}")
         if out.exists() and not force and not (out.is_file() and b"matplotlib" in out.read_bytes()[:4096].lower()):
             raise ValueError(f"{out} exists and is not a plot this script wrote; pass --force to replace it")
     except OSError as e:  # a name too long, a file that cannot be read
