@@ -22,6 +22,9 @@ from data.sources import KNOWN, command_source
 from data.tokenizer import Tokenizer, describe, gpt2, identity_of, load_tokenizer
 
 REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
+# The kinds of rows data/loader.py draws (the training setting batch_rows), here so that configs are checked without
+# importing torch.
+BATCH_ROWS = ("random", "bos", "doc")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -60,6 +63,20 @@ def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | N
         return f"{path} is missing"
     size, expected = path.stat().st_size, meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
     return None if size == expected else f"{path} has {size} bytes, meta.json says {expected}"
+
+
+def document_start_id(data_dir: str | Path, meta: dict, batch_rows: str) -> int:
+    """The id that starts a document in the dataset's token files: the tokenizer's bos (Gemma's `<bos>`, before
+    every document), else its eos (GPT-2's `<|endoftext|>`, after every document and so before the next, the role
+    nanoGPT and nanochat give it)."""
+    identity = identity_of(meta["tokenizer"])
+    start = identity["bos_id"] if identity["bos_id"] is not None else identity["eos_id"]
+    if start is None:
+        raise DataError(
+            f"dataset {data_dir}'s tokenizer has neither a bos_id nor an eos_id (meta.json), so there is no "
+            f"document start token for batch_rows={batch_rows}; use --batch_rows=random"
+        )
+    return start
 
 
 def prepare_command(source: str, data_dir: str | Path, tokenizer: Tokenizer) -> str:

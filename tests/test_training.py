@@ -700,3 +700,31 @@ def test_a_config_path_that_is_a_directory_or_a_device_says_so(tmp_path):
     for path, what in cases:
         result = train_without_torch("--config", str(path))
         assert result.returncode == 2 and result.stderr == f"error: config file {path} {what}\n", result.stderr
+
+
+# --- batch rows ----------------------------------------------------------------------------------------------------
+
+
+def test_batch_rows_is_checked():
+    with pytest.raises(ConfigError, match="'batch_rows' is 'window'; use one of random, bos, doc"):
+        TrainingConfig(batch_rows="window")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_rows", ["bos", "doc"])
+def test_ctrl_c_then_resume_gives_identical_losses_with_document_rows(tmp_path, batch_rows):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    run_train(run_config(straight, batch_rows=batch_rows))
+    config = run_config(stopped, batch_rows=batch_rows)
+    process = train_process(config, start_new_session=True)
+    wait_for_iteration(stopped / "run" / "metrics.jsonl", 3, process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and load_checkpoint(stopped / "run" / "latest.pt")["iter_num"] < 12, output
+
+    other = train_process(config, "--init_from=resume", "--batch_rows=random")  # other rows: another run
+    output, _ = other.communicate(timeout=300)
+    assert other.returncode == 2 and f"another recipe (batch_rows {batch_rows} -> random)" in output, output
+    run_train(config, "--init_from=resume")
+    assert losses(stopped / "run") == losses(straight / "run")  # bit-identical, iteration by iteration

@@ -29,6 +29,7 @@ from architecture.config import (
     read_json,
 )
 from data.errors import DataError
+from data.meta import BATCH_ROWS
 from data.prepare import check_dataset_name
 
 DEFAULT_TRAINING_CONFIG = REPO_ROOT / "config" / "training_config.json"
@@ -58,6 +59,7 @@ class TrainingConfig(CheckedConfig):
     block_size: int = setting(128, "tokens per sequence")
     gradient_accumulation_steps: int = setting(32, "micro-batches per iteration, across all processes")
     max_iters: int = setting(4690, "iterations (optimizer updates)")
+    batch_rows: str = setting("random", "random (a window anywhere), bos (<bos> + a window), doc (from a <bos>)")
 
     learning_rate: float = setting(1e-4, "peak, reached at the end of warmup (with muon: the AdamW groups' peak)")
     min_lr: float = setting(1e-5, "floor of the decay, held after max_iters (muon's: x muon_lr / learning_rate)")
@@ -138,6 +140,8 @@ class TrainingConfig(CheckedConfig):
         self._check_wsd()
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             self._fail("betas", message=f"'betas' must be two numbers in [0, 1), got {self.betas}")
+        if self.batch_rows not in BATCH_ROWS:
+            self._fail("batch_rows", message=f"'batch_rows' is '{self.batch_rows}'; use one of {', '.join(BATCH_ROWS)}")
         if self.dtype not in ("float32", "bfloat16"):
             self._fail("dtype", message=f"'dtype' is '{self.dtype}'; use bfloat16 (CUDA autocast) or float32")
         if not is_device_name(self.device):

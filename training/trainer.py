@@ -341,6 +341,7 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
         block_size=config.block_size,
         device=device,
         tokenizer=tokenizer,
+        rows=config.batch_rows,  # evaluation's too, so that its losses are on the rows trained on
     )
     train_loader = BatchLoader(
         split="train", seed=config.seed, rank=world.rank, world_size=world.world_size, **loader_args
@@ -520,7 +521,9 @@ RECIPE = (
     "grad_clip",
     "seed",
     "dtype",
+    "batch_rows",
 )
+BEFORE_SETTING = {"batch_rows": "random"}  # how checkpoints from before a setting existed ran, where not its default
 
 
 def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> list[str]:
@@ -564,12 +567,9 @@ def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -
             f"{where} trained with other batches ({', '.join(changed)}), so the resume would not be "
             "exact; pass --allow_batch_change=true to go on anyway"
         )
-    # Settings of a checkpoint from before one existed are taken as unchanged.
-    changed = [
-        f"{k} {previous[k]} -> {getattr(config, k)}"
-        for k in RECIPE
-        if previous.get(k, getattr(config, k)) != getattr(config, k)
-    ]
+    # Settings of a checkpoint from before one existed are taken as unchanged, except where it ran otherwise.
+    before = {k: previous.get(k, BEFORE_SETTING.get(k, getattr(config, k))) for k in RECIPE}
+    changed = [f"{k} {before[k]} -> {getattr(config, k)}" for k in RECIPE if before[k] != getattr(config, k)]
     if changed and not config.allow_recipe_change:
         raise ConfigError(
             f"{where} trained with another recipe ({', '.join(changed)}), so the resume would not continue the "
