@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from data.cli import ArgumentParser
 from data.errors import UserError
 from training.config import DEFAULT_TRAINING_CONFIG, load_training_config, settings_help
 from training.run_dir import check_out_dir
@@ -26,7 +27,7 @@ def stop_during_start_up(signum, frame) -> None:
 def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop_during_start_up)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-h", "--help", action="store_true", help="show every setting, with --config's values")

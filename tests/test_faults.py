@@ -453,6 +453,10 @@ def test_a_stop_signal_during_start_up_is_one_line(tmp_path, signum):
 # Each argparse entry point with a flag given twice, as typed (`--flag value`, `--flag=value`, an abbreviation, a
 # store_true flag, one of a mutually exclusive group), and what its refusal names; every path lies under {tmp}.
 DUPLICATED_FLAGS = {
+    "train.py --config": (
+        ["train.py", "--config", "config/demo.json", "--conf=config/demo.json"],
+        "--config config/demo.json and --conf=config/demo.json both set --config",
+    ),
     "sample.py": (
         ["sample.py", "--ckpt", "{tmp}/ckpt.pt", "--temperature", "0.5", "--temp=0.9"],
         "--temperature 0.5 and --temp=0.9 both set --temperature; keep one",
