@@ -22,6 +22,7 @@ from data.tokenizer import gpt2
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config, parse_overrides
 from training.schedule import learning_rate
+from training.trainer import check_resume
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {
@@ -728,3 +729,15 @@ def test_ctrl_c_then_resume_gives_identical_losses_with_document_rows(tmp_path, 
     assert other.returncode == 2 and f"another recipe (batch_rows {batch_rows} -> random)" in output, output
     run_train(config, "--init_from=resume")
     assert losses(stopped / "run") == losses(straight / "run")  # bit-identical, iteration by iteration
+
+
+def test_a_checkpoint_from_before_a_setting_resumes_as_it_ran():
+    """A checkpoint written before lr_schedule and batch_rows existed ran cosine and random windows: resuming it
+    with wsd or document rows changes the run, and is refused as any other recipe change."""
+    config = TrainingConfig(
+        dataset="pydocs", model_config="x.json", lr_schedule="wsd", batch_rows="bos", warmup_steps=0, max_iters=9
+    )
+    old = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("lr_schedule", "batch_rows")}
+    checkpoint = {"training_config": old, "iter_num": 3}
+    with pytest.raises(ConfigError, match=r"another recipe \(lr_schedule cosine -> wsd, batch_rows random -> bos\)"):
+        check_resume(config, None, checkpoint)

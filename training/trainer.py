@@ -523,7 +523,7 @@ RECIPE = (
     "dtype",
     "batch_rows",
 )
-BEFORE_SETTING = {"batch_rows": "random"}  # how checkpoints from before a setting existed ran, where not its default
+BEFORE_SETTING = {"batch_rows": "random", "lr_schedule": "cosine"}  # how checkpoints from before a setting ran
 
 
 def check_resume(config: TrainingConfig, model: Gemma3Model, checkpoint: dict) -> list[str]:
