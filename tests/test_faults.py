@@ -530,6 +530,8 @@ def test_wandb_that_cannot_start_is_one_line_and_releases_the_out_dir(tmp_path):
     config = run_config(tmp_path, wandb_log=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
     refused(config, env=env, fragments=("wandb cannot start a run", "wandb login", "--wandb_log=false"))
+    bad_mode = env | {"WANDB_MODE": "bogus"}  # wandb's settings refuse it with pydantic's three-line error
+    refused(config, env=bad_mode, fragments=("wandb cannot start a run (1 validation error", "input_value='bogus'"))
     no_wandb = tmp_path / "no_wandb" / "wandb"
     no_wandb.mkdir(parents=True)
     (no_wandb / "__init__.py").write_text("raise ImportError('no wandb here')")

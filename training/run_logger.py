@@ -73,8 +73,9 @@ def start_wandb(run):
             dir=str(run.out_dir),
             config={"model": run.model.config.to_dict(), "training": run.config.to_dict()},
         )
-    except wandb.errors.Error as e:  # UsageError (no API key), AuthenticationError, CommError (no network)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # wandb's UsageError (no API key), CommError (no network), a bad WANDB_* variable...
+        # pydantic's text for a bad setting takes three lines (what, which, why): one line keeps them all.
+        reason = "; ".join(line.strip() for line in str(e).strip().splitlines()[:3]) or type(e).__name__
         raise WandbError(
             f"wandb cannot start a run ({reason}): run `wandb login`, set WANDB_MODE=offline, {fix}"
         ) from None
