@@ -254,7 +254,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
         (["--grad_clip=nan"], ("--grad_clip=nan (command line)", "finite")),
         (["--seed=18446744073709551616"], ("--seed=18446744073709551616 (command line)", "below 2**63")),
         (["--min_lr=0.01"], ("--min_lr=0.01 (command line) with", "'min_lr' (0.01) is above")),
-        (["--batch_size=x"], ("--batch_size=x: expected int",)),
+        (["--batch_size=x"], ("--batch_size=x: expected an integer",)),
         ([f"--out_dir={tmp_path / 'a_file'}"], ("exists and is not a directory",)),
         ([f"--model_config={nan_model}"], (str(nan_model), "'rope_base' must be a finite number")),
         (["--overwrite=true", "--init_from=resume"], ("'overwrite' and 'init_from' resume contradict",)),

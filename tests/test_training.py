@@ -193,9 +193,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
     }
     config = load_training_config(run_config(tmp_path), ["--learning_rate=0.01", "--min_lr=1e-3"])
     assert config.learning_rate == 0.01 and config.min_lr == 1e-3
-    with pytest.raises(ConfigError, match=r"--max_iters=ten: expected int"):
+    with pytest.raises(ConfigError, match=r"--max_iters=ten: expected an integer"):
         parse_overrides(["--max_iters=ten"])
-    with pytest.raises(ConfigError, match=r"--compile=maybe: expected bool"):
+    with pytest.raises(ConfigError, match=r"--compile=maybe: expected true or false"):
         parse_overrides(["--compile=maybe"])
     with pytest.raises(ConfigError, match=r"--max_iter: unknown setting; did you mean --max_iters\?"):
         parse_overrides(["--max_iter=3"])
@@ -228,7 +228,7 @@ def train_without_torch(*args: str) -> subprocess.CompletedProcess:
 def test_bad_arguments_and_config_values_are_refused_before_torch_loads(tmp_path):
     cases = {
         ("--config", "nope.json"): "config file not found: nope.json",
-        ("--max_iters=abc",): "--max_iters=abc: expected int",
+        ("--max_iters=abc",): "--max_iters=abc: expected an integer",
         ("--max_iter=3",): "--max_iter: unknown setting; did you mean --max_iters?",
         ("--threads=-1",): "--threads=-1 (command line): 'threads' must not be negative",
         ("--config", str(run_config(tmp_path, min_lr=1.0))): "'min_lr' (1.0) is above 'learning_rate' (0.003)",

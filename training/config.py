@@ -22,6 +22,7 @@ from typing import Any
 from architecture.config import (
     ATTENTION_BACKENDS,
     REPO_ROOT,
+    TYPE_NAMES,
     CheckedConfig,
     ConfigError,
     Origin,
@@ -212,7 +213,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
             return [float(v) for v in values]
         return text
     except (ValueError, TypeError, RecursionError):  # RecursionError: a list nested thousands deep
-        kind = "a JSON list like [0.9,0.95]" if annotation == list[float] else getattr(annotation, "__name__", "")
+        kind = "a JSON list like [0.9,0.95]" if annotation == list[float] else TYPE_NAMES[annotation]
         raise ConfigError(f"--{key}={text}: expected {kind}") from None
 
 
