@@ -97,6 +97,29 @@ def finetune_args(gemma_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["train.py", "--config", "config/finetune.json", *(f"{key}={value}" for key, value in given.items())]
 
 
+def first_loss_and_transformers_loss(gemma_dir: Path, out: Path, rows: str) -> tuple[float, float, torch.Tensor]:
+    """A fine-tune's first logged loss, transformers' loss on the same first batch (batch_rows `rows`), and x."""
+    result = run(*finetune_args(gemma_dir, out, f"--batch_rows={rows}"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows_logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_loss = next(row["loss"] for row in rows_logged if row["kind"] == "train" and row["iter"] == 1)
+    loader = BatchLoader(DATA_ROOT / DATASET, "train", batch_size=2, block_size=32, seed=1337, rows=rows)
+    x, y = loader.next_batch()
+    hf_model = AutoModelForCausalLM.from_pretrained(gemma_dir).eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(hf_model(x).logits.flatten(0, 1), y.flatten()).item()
+    return first_loss, expected, x
+
+
+@pytest.mark.slow
+def test_a_finetune_on_bos_rows_starts_at_transformers_loss_on_those_rows(gemma_dir, gemma_dataset, tmp_path):
+    """With --batch_rows=bos every row starts with <bos>, as the pretrained model's documents did, and the first
+    logged loss is transformers' loss on exactly those rows."""
+    first_loss, expected, x = first_loss_and_transformers_loss(gemma_dir, tmp_path / "run", "bos")
+    assert (x[:, 0] == 2).all()
+    assert abs(first_loss - expected) < 1e-4
+
+
 @pytest.mark.slow
 def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
     # Prepared with the model directory's tokenizer: <bos> before each document, <eos> after.
@@ -109,14 +132,7 @@ def test_finetune_end_to_end(gemma_dir, gemma_dataset, tmp_path):
 
     # Fine-tune: the first loss is the pretrained model's loss on the first batch, as transformers computes it.
     out = tmp_path / "run"
-    result = run(*finetune_args(gemma_dir, out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first_loss = next(row["loss"] for row in rows if row["kind"] == "train" and row["iter"] == 1)
-    x, y = BatchLoader(DATA_ROOT / DATASET, "train", batch_size=2, block_size=32, seed=1337).next_batch()
-    hf_model = AutoModelForCausalLM.from_pretrained(gemma_dir).eval()
-    with torch.no_grad():
-        expected = F.cross_entropy(hf_model(x).logits.flatten(0, 1), y.flatten()).item()
+    first_loss, expected, _ = first_loss_and_transformers_loss(gemma_dir, out, "random")
     assert abs(first_loss - expected) < 1e-4
     state = load_checkpoint(out / "latest.pt")
     assert state["model_config"]["tie_embeddings"] and state["tokenizer"]["sha256"] == tokenizer.sha256
