@@ -1,6 +1,10 @@
 """The optimizer component: chosen by name, the same parameter groups for our model and transformers' (which the
 training benchmark builds through the same function), Muon's hidden matrices chosen by module, the config's
-hyperparameters kept over a checkpoint's, and an unknown name refused by the config."""
+hyperparameters kept over a checkpoint's, and an unknown name refused by the config. Our Muon is torch's bit for bit
+when it orthogonalises in bf16, and near the exact orthogonal factor in float32, which a CPU without native bf16
+gets."""
+
+import copy
 
 import pytest
 import torch
@@ -8,8 +12,10 @@ from hf_reference import random_hf_model, tiny_config
 
 from architecture import Gemma3Model
 from architecture.config import ConfigError
+from training import optimizer as optimizer_module
 from training.config import TrainingConfig
-from training.optimizer import OPTIMIZERS, MuonWithAdamW, build_optimizer, load_optimizer_state
+from training.device import native_bf16
+from training.optimizer import OPTIMIZERS, Muon, MuonWithAdamW, build_optimizer, load_optimizer_state, orthogonalise
 
 
 def group_shapes(optimizer: torch.optim.Optimizer) -> list[tuple[float, list[tuple[int, ...]]]]:
@@ -80,3 +86,47 @@ def test_a_resume_keeps_this_runs_hyperparameters_and_the_checkpoints_state():
     ]
     buffers = [resumed.muon.state[p]["momentum_buffer"] for p in resumed.muon.param_groups[0]["params"]]
     assert all(b.abs().sum() > 0 for b in buffers) and resumed.adamw.state_dict()["state"]
+
+
+def test_muon_in_bf16_is_torchs_bit_for_bit_and_resumes_exactly():
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32)]  # tall (transposed, lr scaled by sqrt(3)), wide, square
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=0.02, weight_decay=0.01, momentum=0.95)
+    muon = Muon([{"params": ours}], **settings, ns_dtype=torch.bfloat16)
+    reference = torch.optim.Muon(theirs, **settings, nesterov=True, adjust_lr_fn="original")
+    for step in range(5):
+        if step == 3:  # a resume: a new optimizer given the state dict continues the same path
+            muon = Muon([{"params": ours}], **settings, ns_dtype=torch.bfloat16)
+            muon.load_state_dict(copy.deepcopy(reference.state_dict()))  # torch's state is ours (a copy, as a file)
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        muon.step()
+        reference.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64)], ids=["wide", "tall"])
+def test_float32_newton_schulz_approximates_the_orthogonal_factor(shape):
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    u, _, vh = torch.linalg.svd(update, full_matrices=False)
+    ortho = orthogonalise(update, torch.float32)
+    assert ortho.dtype == torch.float32 and ortho.shape == shape
+    # Five quintic steps leave singular values in a band around 1, not at 1 (torch's docstring), and the same
+    # singular vectors as U V^T; bf16 lands in the same place, less precisely.
+    singular = torch.linalg.svdvals(ortho)
+    assert 0.6 < singular.min() and singular.max() < 1.2
+    assert torch.nn.functional.cosine_similarity(ortho.flatten(), (u @ vh).flatten(), dim=0) > 0.97
+    torch.testing.assert_close(orthogonalise(update, torch.bfloat16).float(), ortho, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated bf16", "native bf16"])
+def test_muon_orthogonalises_in_bf16_only_where_the_device_computes_it(native, monkeypatch):
+    model = Gemma3Model(tiny_config())
+    expected = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+    assert build_optimizer(model, TrainingConfig(optimizer="muon"), "cpu").muon.ns_dtype == expected  # this CPU's
+    monkeypatch.setattr(optimizer_module, "native_bf16", lambda device: native)
+    chosen = build_optimizer(model, TrainingConfig(optimizer="muon"), "cpu").muon.ns_dtype
+    assert chosen == (torch.bfloat16 if native else torch.float32)

@@ -21,19 +21,31 @@ Everything else (the embedding, an untied head, every norm gain) stays on AdamW 
 are Keller Jordan's (github.com/KellerJordan/Muon, the optimizer of the modded-nanogpt speedruns): peak lr 0.02
 with his shape scaling sqrt(max(1, fan_out / fan_in)) (torch's adjust_lr_fn="original"), Nesterov momentum 0.95,
 decoupled weight decay 0.01, which torch applies with the unscaled lr (lr x decay per step).
+
+`Muon` is torch.optim.Muon as we use it, with one choice added: the dtype of the Newton-Schulz iteration. torch's
+always runs it in bf16, which a CPU without native bf16 emulates at under 1 GFLOP/s (float32: over 100), so the
+demo's step took about twice AdamW's; `muon` picks bf16 where the device computes it natively (then it is torch's
+update bit for bit) and float32 elsewhere (figures: benchmarks/results/muon_cpu.md).
 """
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from .device import fused_adamw_available
+from .device import fused_adamw_available, native_bf16
 
 if TYPE_CHECKING:  # config.py reads OPTIMIZERS' names to validate the setting
     from .config import TrainingConfig
 
 MUON_MOMENTUM = 0.95
+# torch.optim.Muon's Newton-Schulz defaults, Keller Jordan's: quintic coefficients tuned for the steepest slope at
+# zero, so 5 steps bring all but the smallest singular values into roughly [0.7, 1.2], not to 1 exactly, which
+# trains as well as the exact orthogonal factor.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
 
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -68,11 +80,51 @@ def adamw(
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.betas), fused=fused)
 
 
+def orthogonalise(update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz's approximation of the orthogonal factor U V^T of `update` = U S V^T, computed in `dtype`:
+    torch's _zeropower_via_newtonschulz, op for op, with the dtype as a choice."""
+    a, b, c = NS_COEFFICIENTS
+    tall = update.size(0) > update.size(1)
+    x = update.to(dtype)
+    if tall:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller square
+        x = x.T
+    x = x / x.norm().clamp(min=NS_EPS)  # the Frobenius norm bounds the spectral one: every singular value <= 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon with nesterov=True and adjust_lr_fn="original", its Newton-Schulz defaults, and its state
+    (one `momentum_buffer` per matrix, so a checkpoint of either loads into the other), orthogonalising in
+    `ns_dtype`. The dtype is the machine's, not the recipe's: it is not saved, and a resume elsewhere picks anew."""
+
+    def __init__(self, params: list[dict], lr: float, weight_decay: float, momentum: float, ns_dtype: torch.dtype):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = orthogonalise(p.grad.lerp(buf, momentum), self.ns_dtype)  # Nesterov: a look ahead
+                p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr, as torch
+                # Keller Jordan's shape scaling: a tall matrix's orthogonal update has a smaller RMS per entry.
+                p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
+
+
 class MuonWithAdamW:
     """Muon over the hidden matrices and AdamW over the rest, stepped as one optimizer: what the trainer uses of
     one (step, zero_grad, param_groups, state_dict, load_state_dict)."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
 
     @property
@@ -98,14 +150,8 @@ class MuonWithAdamW:
 def muon(model: torch.nn.Module, config: "TrainingConfig", device_type: str) -> MuonWithAdamW:
     hidden = hidden_matrices(model)
     group = {"params": hidden, "peak_lr": config.muon_lr}
-    muon = torch.optim.Muon(
-        [group],
-        lr=config.muon_lr,
-        weight_decay=config.muon_weight_decay,
-        momentum=MUON_MOMENTUM,
-        nesterov=True,
-        adjust_lr_fn="original",
-    )
+    ns_dtype = torch.bfloat16 if native_bf16(torch.device(device_type)) else torch.float32  # emulated bf16 is slow
+    muon = Muon([group], config.muon_lr, config.muon_weight_decay, MUON_MOMENTUM, ns_dtype)
     return MuonWithAdamW(muon, adamw(model, config, device_type, skip=hidden))
 
 
