@@ -94,6 +94,11 @@ def test_rows_start_with_the_document_start_and_hold_the_file_s_tokens(tmp_path,
         assert rows == "bos" or tokens[offset] == start
 
 
+def test_bos_rows_are_random_rows_with_the_start_token_first_and_the_last_dropped(documents):
+    random, bos = (BatchLoader(documents, "train", 8, 32, seed=4, rows=rows).next_batch() for rows in ("random", "bos"))
+    assert torch.equal(bos[0][:, 1:], random[0][:, :-1]) and torch.equal(bos[1], random[0])
+
+
 @pytest.mark.parametrize("rows", ["bos", "doc"])
 def test_bos_rows_reach_every_token_and_doc_rows_every_document_start_with_room(tmp_path, rows):
     root = make_documents(tmp_path / "docs", n_train=400)
@@ -102,8 +107,8 @@ def test_bos_rows_reach_every_token_and_doc_rows_every_document_start_with_room(
     x, y = loader.next_batch()
     read = torch.cat([x[:, 1:] if rows == "bos" else x, y[:, -1:]], dim=1).numpy()
     offsets = {file_offset(row) for row in read}
-    if rows == "bos":  # offsets 0..392: the last window ends on the file's last token
-        assert offsets == set(range(len(tokens) - 8 + 1))
+    if rows == "bos":  # offsets 0..391, random's: every token but the file's last
+        assert offsets == set(range(len(tokens) - 8))
     else:  # every <|endoftext|> with block_size + 1 tokens from it
         assert offsets == {int(i) for i in np.flatnonzero(tokens == EOT) if i + 9 <= len(tokens)}
 
