@@ -13,8 +13,9 @@ val loss over the seeds is the target, and each recipe reports
 - its final val loss (mean and spread over seeds) and bits per byte,
 - the first evaluated iteration at which its val loss reached the target (mean over seeds, "-" where a seed never
   did), as a fraction of the baseline's iterations, and
-- the training time to that iteration (the iterations' own times from metrics.jsonl, evaluations excluded), as a
-  fraction of the baseline's whole training time, and its median time per iteration.
+- the training time to that iteration at the run's median time per iteration (from metrics.jsonl, evaluations
+  excluded; the median, so that a stall or a busy neighbour in one iteration does not count), as a fraction of the
+  baseline's whole training time, and that median.
 `--jobs 2 --threads 1` runs two processes at once, one core each: every recipe then runs under the same
 conditions. Finished runs are kept under `--work` and not run again, so a sweep can grow run by run. `--out FILE.md`
 writes the table with the command, CPU, torch version and date, and FILE.png with the mean val curves.
@@ -86,7 +87,7 @@ def curves(out_dir: Path) -> tuple[list[dict], list[float]]:
 def reached(evals: list[dict], times: list[float], target: float) -> tuple[int, float] | None:
     """(the first evaluated iteration at val loss <= target, the training seconds up to it), or None."""
     hit = next((r["iter"] for r in evals if r["val_loss"] <= target), None)
-    return None if hit is None else (hit, sum(times[:hit]) / 1000)
+    return None if hit is None else (hit, hit * statistics.median(times) / 1000)
 
 
 def summarise(results: dict[str, list[Path]], max_iters: int) -> tuple[list[str], dict[str, dict[int, float]]]:
@@ -94,7 +95,7 @@ def summarise(results: dict[str, list[Path]], max_iters: int) -> tuple[list[str]
     baseline = next(iter(results))
     data = {spec: [curves(d) for d in dirs] for spec, dirs in results.items()}
     target = statistics.mean(evals[-1]["val_loss"] for evals, _ in data[baseline])
-    base_seconds = statistics.mean(sum(times) / 1000 for _, times in data[baseline])
+    base_seconds = statistics.mean(len(times) * statistics.median(times) / 1000 for _, times in data[baseline])
     rows, mean_curves = [], {}
     for spec, runs in data.items():
         finals = [evals[-1]["val_loss"] for evals, _ in runs]
