@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from architecture.config import file_problem
 from data.cli import ArgumentParser
 
 
@@ -43,8 +44,11 @@ def clipped_note(clipped: int) -> str:
 
 def plot(run_dir: Path, out: Path) -> None:
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} not found: pass a run's out_dir (train.py writes metrics.jsonl there)")
+    problem = file_problem(metrics, "metrics file")
+    if problem:  # a device (/dev/null) or a path under a file is named as what it is, not as missing
+        missing = problem.startswith("metrics file not found")
+        hint = "pass a run's out_dir (train.py writes metrics.jsonl there)"
+        raise FileNotFoundError(f"{metrics} not found: {hint}" if missing else f"{problem}; {hint}")
     from training.metrics import read_metrics
 
     rows = read_metrics(metrics)

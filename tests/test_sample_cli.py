@@ -281,6 +281,7 @@ def test_hf_dir_errors(hf_dir, capsys, tmp_path):
         ("scripts/export_gguf.py", ["--hf-dir", "nope", "--out", "x.gguf"], "is not a Hugging Face model directory"),
         ("scripts/export_gguf.py", ["--ckpt", ".", "--out", "no/x.gguf"], "must be a file in an existing directory"),
         ("scripts/plot_loss.py", ["nope"], "nope not found: pass a run's out_dir"),
+        ("scripts/plot_loss.py", ["/dev/null"], "metrics file /dev/null is not a regular file; pass a run's out_dir"),
     ],
 )
 def test_bad_arguments_are_refused_before_torch_is_imported(script, args, message):
