@@ -25,19 +25,19 @@ def stop_during_start_up(signum, frame) -> None:
 
 
 def main() -> None:
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop_during_start_up)
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-h", "--help", action="store_true", help="show every setting, with --config's values")
-    parser.add_argument("--config", default=str(DEFAULT_TRAINING_CONFIG), help="training config JSON")
-    args, overrides = parser.parse_known_args()
-    if args.help:
-        parser.epilog = settings_help(args.config)
-        parser.print_help()
-        return
-    try:
+    try:  # around the handlers themselves: a signal may arrive the moment one is installed
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stop_during_start_up)
+        parser = ArgumentParser(
+            description=__doc__.split("\n\n")[0], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        parser.add_argument("-h", "--help", action="store_true", help="show every setting, with --config's values")
+        parser.add_argument("--config", default=str(DEFAULT_TRAINING_CONFIG), help="training config JSON")
+        args, overrides = parser.parse_known_args()
+        if args.help:
+            parser.epilog = settings_help(args.config)
+            parser.print_help()
+            return
         config = load_training_config(args.config, overrides)
         if os.environ.get("RANK", "0") == "0":  # the trainer checks it again; here it is answered before torch loads
             check_out_dir(config.out_dir, resume=config.init_from == "resume")
