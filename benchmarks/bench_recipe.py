@@ -3,13 +3,13 @@ baseline's final val loss on the demo.
 
     python benchmarks/bench_recipe.py                                     # adamw-cosine against muon-wsd, 3 seeds
     python benchmarks/bench_recipe.py --recipes adamw-cosine,adamw-wsd --seeds 1337
-    python benchmarks/bench_recipe.py --recipes adamw-cosine:learning_rate=0.004,muon-wsd:muon_lr=0.04   # a sweep
+    python benchmarks/bench_recipe.py --recipes adamw-cosine:learning_rate=0.004,muon-wsd:muon_lr=0.04  # a sweep
 
 Each run is a real `train.py --config config/demo.json` process with the recipe's settings on top, `--seed`, the
 same validation batches for every run (the trainer evaluates on fixed-seed batches; `--eval-iters`, 50 by
 default) and an evaluation every `--eval-interval` iterations. A recipe is a name of RECIPES, optionally followed by
-`:key=value,...` settings (learning rates for a sweep). The first recipe listed is the baseline: its mean final
-val loss over the seeds is the target, and each recipe reports
+`:key=value` settings, each after its own colon (`adamw-cosine:learning_rate=0.004:min_lr=0.0004`). The first recipe
+listed is the baseline: its mean final val loss over the seeds is the target, and each recipe reports
 - its final val loss (mean and spread over seeds) and bits per byte,
 - the first evaluated iteration at which its val loss reached the target (mean over seeds, "-" where a seed never
   did), as a fraction of the baseline's iterations, and
@@ -45,12 +45,12 @@ RECIPES = {  # name: train.py settings on top of config/demo.json
 
 
 def parse_recipe(spec: str) -> tuple[str, dict]:
-    """'muon-wsd:muon_lr=0.04,decay_fraction=0.4' -> ('muon-wsd:muon_lr=0.04,...', its settings)."""
-    name, _, extra = spec.partition(":")
+    """'muon-wsd:muon_lr=0.04:decay_fraction=0.4' -> (the same string, its settings): commas separate recipes."""
+    name, *extra = spec.split(":")
     if name not in RECIPES:
         raise SystemExit(f"error: unknown recipe '{name}'; known: {', '.join(RECIPES)}")
     settings = dict(RECIPES[name])
-    for item in filter(None, extra.split(",")):
+    for item in extra:
         key, _, value = item.partition("=")
         settings[key] = value
     return spec, settings
@@ -58,7 +58,7 @@ def parse_recipe(spec: str) -> tuple[str, dict]:
 
 def run(spec: str, settings: dict, seed: int, args: argparse.Namespace) -> Path:
     """Train one recipe and seed (unless a finished run is already there); return its out_dir."""
-    out_dir = args.work / f"{spec.replace(':', '_').replace(',', '_').replace('=', '-')}_seed{seed}"
+    out_dir = args.work / f"{spec.replace(':', '_').replace('=', '-')}_seed{seed}"
     if finished(out_dir, args.max_iters):
         return out_dir
     flags = {**settings, "seed": seed, "eval_iters": args.eval_iters, "eval_interval": args.eval_interval,

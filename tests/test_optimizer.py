@@ -15,7 +15,15 @@ from architecture.config import ConfigError
 from training import optimizer as optimizer_module
 from training.config import TrainingConfig
 from training.device import native_bf16
-from training.optimizer import OPTIMIZERS, Muon, MuonWithAdamW, build_optimizer, load_optimizer_state, orthogonalise
+from training.optimizer import (
+    OPTIMIZERS,
+    Muon,
+    MuonWithAdamW,
+    build_optimizer,
+    describe_optimizer,
+    load_optimizer_state,
+    orthogonalise,
+)
 
 
 def group_shapes(optimizer: torch.optim.Optimizer) -> list[tuple[float, list[tuple[int, ...]]]]:
@@ -25,7 +33,7 @@ def group_shapes(optimizer: torch.optim.Optimizer) -> list[tuple[float, list[tup
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_decay_groups_are_the_matrices_less_the_embedding_for_ours_and_transformers(tie):
     config = tiny_config(tie_embeddings=tie)
-    settings = TrainingConfig(weight_decay=0.05)
+    settings = TrainingConfig(optimizer="adamw", weight_decay=0.05)
     groups = group_shapes(build_optimizer(Gemma3Model(config), settings, "cpu"))
     assert groups == group_shapes(build_optimizer(random_hf_model(config), settings, "cpu"))
     (decay, matrices), (no_decay, rest) = groups
@@ -37,7 +45,9 @@ def test_decay_groups_are_the_matrices_less_the_embedding_for_ours_and_transform
 
 def test_optimizer_is_a_named_choice():
     assert list(OPTIMIZERS) == ["adamw", "muon"]
-    optimizer = build_optimizer(Gemma3Model(tiny_config()), TrainingConfig(learning_rate=3e-4), "cpu")
+    optimizer = build_optimizer(
+        Gemma3Model(tiny_config()), TrainingConfig(optimizer="adamw", learning_rate=3e-4), "cpu"
+    )
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 3e-4
     assert [g["peak_lr"] for g in optimizer.param_groups] == [3e-4, 3e-4]
     with pytest.raises(ConfigError, match="'optimizer' is 'sgd'; use one of adamw, muon"):
@@ -130,3 +140,17 @@ def test_muon_orthogonalises_in_bf16_only_where_the_device_computes_it(native, m
     monkeypatch.setattr(optimizer_module, "native_bf16", lambda device: native)
     chosen = build_optimizer(model, TrainingConfig(optimizer="muon"), "cpu").muon.ns_dtype
     assert chosen == (torch.bfloat16 if native else torch.float32)
+
+
+def test_the_log_says_what_trains_what():
+    model = Gemma3Model(tiny_config())
+    n_hidden = sum(p.numel() for p in optimizer_module.hidden_matrices(model))
+    rest = sum(p.numel() for p in model.parameters()) - n_hidden
+    muon = build_optimizer(model, TrainingConfig(optimizer="muon", learning_rate=3e-4, min_lr=0.0, muon_lr=0.05), "cpu")
+    assert describe_optimizer(muon) == (
+        f"Muon (peak lr 0.05, Newton-Schulz in {'bf16' if muon.muon.ns_dtype == torch.bfloat16 else 'float32'}) on "
+        f"{7 * tiny_config().n_layers} block matrices ({n_hidden / 1e6:.1f}M parameters), AdamW (peak lr 0.0003) on "
+        f"the rest ({rest / 1e6:.1f}M)"
+    )
+    adamw = build_optimizer(model, TrainingConfig(optimizer="adamw", learning_rate=3e-4), "cpu")
+    assert describe_optimizer(adamw) == "AdamW (peak lr 0.0003) on every parameter"

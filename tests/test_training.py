@@ -21,7 +21,7 @@ from architecture.config import ConfigError
 from data.tokenizer import gpt2
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import DEFAULT_TRAINING_CONFIG, TrainingConfig, load_training_config, parse_overrides
-from training.schedule import learning_rate
+from training.schedule import describe_schedule, learning_rate
 from training.trainer import check_resume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +62,8 @@ def run_config(tmp_path: Path, **overrides) -> Path:
         "log_interval": 1,
         "device": "cpu",
         "dtype": "float32",
+        "optimizer": "adamw",  # the tests' reference recipe; Muon and wsd are parametrized where they matter
+        "lr_schedule": "cosine",
         **overrides,
     }
     path = tmp_path / "train.json"
@@ -121,7 +123,7 @@ def test_shipped_json_is_complete_and_equals_the_dataclass_defaults():
 
 
 def test_schedule_corners():
-    config = TrainingConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_iters=110)
+    config = TrainingConfig(lr_schedule="cosine", learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_iters=110)
     assert learning_rate(0, config) == 0.0
     assert learning_rate(5, config) == pytest.approx(5e-4)
     assert learning_rate(10, config) == pytest.approx(1e-3)
@@ -133,7 +135,7 @@ def test_schedule_corners():
 
 
 def test_cosine_is_unchanged_bit_for_bit_and_each_group_follows_its_own_peak():
-    config = TrainingConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=7, max_iters=50)
+    config = TrainingConfig(lr_schedule="cosine", learning_rate=3e-3, min_lr=3e-4, warmup_steps=7, max_iters=50)
     for i in range(60):  # the formula of the version before per-group peaks
         progress = (i - 7) / (50 - 7)
         before = 3e-3 * i / 7 if i < 7 else 3e-4 if i >= 50 else 3e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * 27e-4
@@ -157,6 +159,15 @@ def test_wsd_warms_up_holds_the_peak_then_decays_to_min_lr(shape):
     assert learning_rate(99, config, 0.02) == pytest.approx(20 * learning_rate(99, config))  # a Muon group
 
 
+def test_the_log_describes_the_schedule():
+    wsd = TrainingConfig(lr_schedule="wsd", decay_shape="1-sqrt", warmup_steps=1, max_iters=110)
+    assert describe_schedule(wsd) == (
+        "wsd: warmup 1 iteration, the peak held to iteration 88, then a 1-sqrt decay to min_lr at 110"
+    )
+    cosine = TrainingConfig(lr_schedule="cosine", warmup_steps=10, max_iters=110)
+    assert describe_schedule(cosine) == "cosine: warmup 10 iterations, then a cosine decay to min_lr at 110"
+
+
 def test_schedule_and_muon_settings_are_checked(tmp_path):
     cases = [
         (dict(lr_schedule="step"), "'lr_schedule' is 'step'; use cosine or wsd"),
@@ -174,7 +185,7 @@ def test_schedule_and_muon_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError) as refusal:
             TrainingConfig(**values)
         assert message in str(refusal.value)
-    TrainingConfig(warmup_steps=100, max_iters=110)  # cosine has no stable phase to run past
+    TrainingConfig(lr_schedule="cosine", warmup_steps=100, max_iters=110)  # cosine has no stable phase to run past
     with pytest.raises(ConfigError, match=r"--decay_shape=sqrt \(command line\): 'decay_shape' is 'sqrt'"):
         load_training_config(run_config(tmp_path), ["--decay_shape=sqrt"])
 

@@ -166,6 +166,25 @@ def build_optimizer(model: torch.nn.Module, config: "TrainingConfig", device_typ
     return OPTIMIZERS[config.optimizer](model, config, device_type)
 
 
+def describe_optimizer(optimizer: Optimizer) -> str:
+    """What trains what, for the start of the log: 'Muon (peak lr 0.02, Newton-Schulz in float32) on 42 block
+    matrices (1.4M parameters), AdamW (peak lr 0.002) on the rest (6.4M)'."""
+
+    def count(groups: list[dict]) -> str:
+        return f"{sum(p.numel() for g in groups for p in g['params']) / 1e6:.1f}M"
+
+    if not isinstance(optimizer, MuonWithAdamW):
+        return f"AdamW (peak lr {optimizer.param_groups[0]['peak_lr']:g}) on every parameter"
+    muon, adamw = optimizer.muon, optimizer.adamw
+    matrices = sum(len(g["params"]) for g in muon.param_groups)
+    precision = str(muon.ns_dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+    return (
+        f"Muon (peak lr {muon.param_groups[0]['peak_lr']:g}, Newton-Schulz in {precision}) on {matrices} block "
+        f"matrices ({count(muon.param_groups)} parameters), AdamW (peak lr {adamw.param_groups[0]['peak_lr']:g}) "
+        f"on the rest ({count(adamw.param_groups)})"
+    )
+
+
 def load_optimizer_state(optimizer: Optimizer, state: dict) -> None:
     """Restore a checkpoint's optimizer state (moments, momentum, step counts) but keep the hyperparameters this
     run's config gave each group: torch's load_state_dict would bring back the checkpoint's, so a learning rate,

@@ -28,6 +28,8 @@ from data.errors import UserError
 
 from .config import TrainingConfig
 from .metrics import MetricsLog, flops_per_token, peak_flops
+from .optimizer import describe_optimizer
+from .schedule import describe_schedule
 
 
 def config_differences(values: dict, defaults: dict) -> str:
@@ -134,6 +136,7 @@ class RunLogger(NullLogger):
             f"{n_params / 1e6:.1f}M parameters, tokenizer {run.tokenizer}, device {device}; "
             f"{self.config.tokens_per_iter:,} tokens per iteration ({shape} micro-batches)"
         )
+        self.write(f"optimizer: {describe_optimizer(run.optimizer)}; lr schedule {describe_schedule(self.config)}")
         if run.precision_note:
             self.write(run.precision_note)
         if run.iter_num:

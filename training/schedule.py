@@ -33,3 +33,14 @@ def learning_rate(iteration: int, config: TrainingConfig, peak: float | None = N
         progress = (iteration - config.warmup_steps) / (config.max_iters - config.warmup_steps)
         remaining = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return floor + remaining * (peak - floor)
+
+
+def describe_schedule(config: TrainingConfig) -> str:
+    """The schedule in words, for the start of the log."""
+    warmup = f"warmup {config.warmup_steps} iteration{'s' * (config.warmup_steps != 1)}"
+    if config.lr_schedule == "wsd":
+        return (
+            f"wsd: {warmup}, the peak held to iteration {config.decay_start}, then a {config.decay_shape} decay to "
+            f"min_lr at {config.max_iters}"
+        )
+    return f"cosine: {warmup}, then a cosine decay to min_lr at {config.max_iters}"
