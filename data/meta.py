@@ -19,7 +19,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.sources import KNOWN, command_source
-from data.tokenizer import Tokenizer, describe, gpt2, identity_of, load_tokenizer
+from data.tokenizer import Tokenizer, describe, document_start, gpt2, identity_of, load_tokenizer
 
 REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
 # The kinds of rows data/loader.py draws (the training setting batch_rows), here so that configs are checked without
@@ -66,11 +66,10 @@ def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | N
 
 
 def document_start_id(data_dir: str | Path, meta: dict, batch_rows: str) -> int:
-    """The id that starts a document in the dataset's token files: the tokenizer's bos (Gemma's `<bos>`, before
-    every document), else its eos (GPT-2's `<|endoftext|>`, after every document and so before the next, the role
-    nanoGPT and nanochat give it)."""
+    """The id that starts a document in the dataset's token files (tokenizer.document_start), refused in one line
+    for a tokenizer that has none."""
     identity = identity_of(meta["tokenizer"])
-    start = identity["bos_id"] if identity["bos_id"] is not None else identity["eos_id"]
+    start = document_start(identity["bos_id"], identity["eos_id"])
     if start is None:
         raise DataError(
             f"dataset {data_dir}'s tokenizer has neither a bos_id nor an eos_id (meta.json), so there is no "

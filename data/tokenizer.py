@@ -287,6 +287,13 @@ def tokenizer_from_record(record: dict | str | None) -> Tokenizer:
     return tokenizer
 
 
+def document_start(bos_id: int | None, eos_id: int | None) -> int | None:
+    """The id that starts a document in token files: the tokenizer's bos (Gemma's `<bos>`, before every document),
+    else its eos (GPT-2's `<|endoftext|>`, after every document and so before the next, the role nanoGPT and
+    nanochat give it)."""
+    return eos_id if bos_id is None else bos_id
+
+
 def identity_of(record: dict | str | None) -> dict:
     """The identity in a meta.json or checkpoint record; older files that name none (or "gpt2") mean GPT-2."""
     if record is None or record == "gpt2":

@@ -53,7 +53,7 @@ from data.errors import UserError
 from data.loader import BatchLoader
 from data.meta import dataset_tokenizer
 from data.prepare import DATA_ROOT, ensure_prepared
-from data.tokenizer import Tokenizer, gpt2, tokenizer_from_record
+from data.tokenizer import Tokenizer, document_start, gpt2, tokenizer_from_record
 
 from .checkpoint import (
     CheckpointError,
@@ -175,7 +175,7 @@ def target_bytes(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, tokenize
     valid = y != IGNORE_INDEX
     counts = table[y.masked_fill(~valid, 0)] * valid
     if tokenizer.dummy_prefix:
-        start = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+        start = document_start(tokenizer.bos_id, tokenizer.eos_id)
         counts -= ((x == start) & (counts > 0)).long()
     return counts
 
