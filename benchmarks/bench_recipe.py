@@ -11,8 +11,8 @@ default) and an evaluation every `--eval-interval` iterations. A recipe is a nam
 `:key=value` settings, each after its own colon (`adamw-cosine:learning_rate=0.004:min_lr=0.0004`). The first recipe
 listed is the baseline: its mean final val loss over the seeds is the target, and each recipe reports
 - its final val loss (mean and spread over seeds) and bits per byte,
-- the first evaluated iteration at which its val loss reached the target (mean over seeds, "-" where a seed never
-  did), as a fraction of the baseline's iterations, and
+- the first evaluated iteration at which its val loss reached the target (mean over the seeds that did; how many
+  never did, or "never"), as a fraction of the baseline's iterations, and
 - the training time to that iteration at the run's median time per iteration (from metrics.jsonl, evaluations
   excluded; the median, so that a stall or a busy neighbour in one iteration does not count), as a fraction of the
   baseline's whole training time, and that median.
@@ -103,14 +103,17 @@ def summarise(results: dict[str, list[Path]], max_iters: int) -> tuple[list[str]
         bpb = statistics.mean(evals[-1]["val_bpb"] for evals, _ in runs)
         hits = [reached(evals, times, target) for evals, times in runs]
         got = [h for h in hits if h]
-        iters = f"{statistics.mean(i for i, _ in got):.0f} ({statistics.mean(i for i, _ in got) / max_iters:.0%})"
-        seconds = statistics.mean(s for _, s in got) if got else 0
-        when = f"{seconds:.0f} s ({seconds / base_seconds:.0%})" if got else "-"
-        missed = f", {len(hits) - len(got)} of {len(hits)} seeds never" if len(got) < len(hits) else ""
+        iters, when = "never", "-"
+        if got:
+            iteration, seconds = statistics.mean(i for i, _ in got), statistics.mean(s for _, s in got)
+            iters, when = (
+                f"{iteration:.0f} ({iteration / max_iters:.0%})",
+                f"{seconds:.0f} s ({seconds / base_seconds:.0%})",
+            )
+        missed = f", {len(hits) - len(got)} of {len(hits)} seeds never" if 0 < len(got) < len(hits) else ""
         ms = statistics.median(t for _, times in runs for t in times)
         rows.append(
-            f"| {spec} | {statistics.mean(finals):.3f}{spread} | {bpb:.3f} | "
-            f"{iters if got else '-'}{missed} | {when} | {ms:.0f} |"
+            f"| {spec} | {statistics.mean(finals):.3f}{spread} | {bpb:.3f} | {iters}{missed} | {when} | {ms:.0f} |"
         )
         iterations = sorted({r["iter"] for evals, _ in runs for r in evals})
         mean_curves[spec] = {
