@@ -11,8 +11,8 @@ default) and an evaluation every `--eval-interval` iterations. A recipe is a nam
 `:key=value` settings, each after its own colon (`adamw-cosine:learning_rate=0.004:min_lr=0.0004`). The first recipe
 listed is the baseline: its mean final val loss over the seeds is the target, and each recipe reports
 - its final val loss (mean and spread over seeds) and bits per byte,
-- the first evaluated iteration at which its val loss reached the target (mean over the seeds that did; how many
-  never did, or "never"), as a fraction of the baseline's iterations, and
+- the iteration at which its val loss reached the target, interpolated between the evaluations around it (mean
+  over the seeds that did; how many never did, or "never"), as a fraction of the baseline's iterations, and
 - the training time to that iteration at the run's median time per iteration (from metrics.jsonl, evaluations
   excluded; the median, so that a stall or a busy neighbour in one iteration does not count), as a fraction of the
   baseline's whole training time, and that median.
@@ -84,10 +84,18 @@ def curves(out_dir: Path) -> tuple[list[dict], list[float]]:
     return [r for r in rows if r["kind"] == "eval"], [r["ms_per_iter"] for r in rows if r["kind"] == "train"]
 
 
-def reached(evals: list[dict], times: list[float], target: float) -> tuple[int, float] | None:
-    """(the first evaluated iteration at val loss <= target, the training seconds up to it), or None."""
-    hit = next((r["iter"] for r in evals if r["val_loss"] <= target), None)
-    return None if hit is None else (hit, hit * statistics.median(times) / 1000)
+def reached(evals: list[dict], times: list[float], target: float) -> tuple[float, float] | None:
+    """(the iteration at which val loss reached target, the training seconds up to it), or None. The iteration is
+    interpolated linearly between the evaluations before and at the first one at or below target: evaluations
+    every 25 or 50 iterations would otherwise round every run up to the next one."""
+    at = next((i for i, r in enumerate(evals) if r["val_loss"] <= target), None)
+    if at is None:
+        return None
+    hit = float(evals[at]["iter"])
+    if at > 0:
+        (x0, y0), (x1, y1) = ((evals[j]["iter"], evals[j]["val_loss"]) for j in (at - 1, at))
+        hit = x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return hit, hit * statistics.median(times) / 1000
 
 
 def summarise(results: dict[str, list[Path]], max_iters: int) -> tuple[list[str], dict[str, dict[int, float]]]:
@@ -115,7 +123,8 @@ def summarise(results: dict[str, list[Path]], max_iters: int) -> tuple[list[str]
         rows.append(
             f"| {spec} | {statistics.mean(finals):.3f}{spread} | {bpb:.3f} | {iters}{missed} | {when} | {ms:.0f} |"
         )
-        iterations = sorted({r["iter"] for evals, _ in runs for r in evals})
+        # the iterations every seed evaluated: a mean over a changing set of seeds would zig-zag
+        iterations = sorted(set.intersection(*({r["iter"] for r in evals} for evals, _ in runs)))
         mean_curves[spec] = {
             i: statistics.mean(r["val_loss"] for evals, _ in runs for r in evals if r["iter"] == i) for i in iterations
         }
