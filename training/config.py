@@ -173,10 +173,12 @@ class TrainingConfig(CheckedConfig):
             self._fail(
                 "warmup_steps",
                 "decay_fraction",
+                "max_iters",
+                "lr_schedule",
                 message=(
                     f"'warmup_steps' ({self.warmup_steps}) runs past the wsd decay's start (iteration "
                     f"{self.decay_start}, the last {self.decay_fraction} of max_iters {self.max_iters}); lower "
-                    "warmup_steps or decay_fraction"
+                    "warmup_steps or decay_fraction, or raise max_iters"
                 ),
             )
 
