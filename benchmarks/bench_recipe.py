@@ -4,6 +4,7 @@ baseline's final val loss on the demo.
     python benchmarks/bench_recipe.py                                     # adamw-cosine against muon-wsd, 3 seeds
     python benchmarks/bench_recipe.py --recipes adamw-cosine,adamw-wsd --seeds 1337
     python benchmarks/bench_recipe.py --recipes adamw-cosine:learning_rate=0.004,muon-wsd:muon_lr=0.04  # a sweep
+    python benchmarks/bench_recipe.py --model-config benchmarks/deep_demo_model.json  # blocks hold most parameters
 
 Each run is a real `train.py --config config/demo.json` process with the recipe's settings on top, `--seed`, the
 same validation batches for every run (the trainer evaluates on fixed-seed batches; `--eval-iters`, 50 by
@@ -58,12 +59,13 @@ def parse_recipe(spec: str) -> tuple[str, dict]:
 
 def run(spec: str, settings: dict, seed: int, args: argparse.Namespace) -> Path:
     """Train one recipe and seed (unless a finished run is already there); return its out_dir."""
-    out_dir = args.work / f"{spec.replace(':', '_').replace('=', '-')}_seed{seed}"
+    model = f"{args.model_config.stem}_" if args.model_config else ""  # the demo's model keeps the plain names
+    out_dir = args.work / f"{model}{spec.replace(':', '_').replace('=', '-')}_seed{seed}"
     if finished(out_dir, args.max_iters):
         return out_dir
     flags = {**settings, "seed": seed, "eval_iters": args.eval_iters, "eval_interval": args.eval_interval,
              "log_interval": 1, "max_iters": args.max_iters, "threads": args.threads, "out_dir": out_dir,
-             "overwrite": "true"}  # fmt: skip
+             "overwrite": "true", **({"model_config": args.model_config} if args.model_config else {})}  # fmt: skip
     command = [sys.executable, "train.py", "--config", "config/demo.json", *(f"--{k}={v}" for k, v in flags.items())]
     print(f"running {shlex.join(command[1:])}", flush=True)
     log = args.work / f"{out_dir.name}.log"
@@ -157,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default="adamw-cosine,muon-wsd", help="the first is the baseline")
     parser.add_argument("--seeds", default="1337,1,2")
+    parser.add_argument("--model-config", type=Path, help="another model than the demo's (config/demo_model.json)")
     parser.add_argument("--max-iters", type=int, default=350, help="the demo's")
     parser.add_argument("--eval-iters", type=int, default=50)
     parser.add_argument("--eval-interval", type=int, default=25)
@@ -180,7 +183,8 @@ def main() -> None:
 
     context = (
         f"`python benchmarks/bench_recipe.py {shlex.join(sys.argv[1:])}`, {date.today()}, {cpu_model()} "
-        f"({cpu_bf16_flags()}), torch {torch.__version__}; seeds {args.seeds}, {args.eval_iters} val batches of the "
+        f"({cpu_bf16_flags()}), torch {torch.__version__}; model {args.model_config or 'config/demo_model.json'}; "
+        f"seeds {args.seeds}, {args.eval_iters} val batches of the "
         f"demo's 8 x 256 every {args.eval_interval} iterations; {time.perf_counter() - start:.0f} s in all"
     )
     print(context, *table, sep="\n")
