@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from architecture.config import DTYPES, file_problem
-from data.cli import ArgumentParser
+from data.cli import MAX_WORKERS, ArgumentParser
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 
@@ -51,6 +51,7 @@ STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first wo
 # Past context_length each new token costs a forward over the whole window (the cache cannot slide), so a request
 # for many windows of text would run for hours: --max-new-tokens is refused above this many context lengths.
 MAX_WINDOWS = 4
+MAX_SAMPLES = 1000  # likewise, samples in one command: 10**9 of them ran until killed
 
 
 class SampleError(UserError, ValueError):
@@ -92,8 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (0 <= args.temperature < math.inf, f"--temperature must be >= 0 and finite, got {args.temperature}"),
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (
+            1 <= args.num_samples <= MAX_SAMPLES,
+            f"--num-samples must be 1 to {MAX_SAMPLES}, got {args.num_samples} (for more, rerun with another --seed)",
+        ),
+        (
+            args.threads is None or 1 <= args.threads <= MAX_WORKERS,
+            f"--threads must be 1 to {MAX_WORKERS} (4 x the CPU count), got {args.threads}",
+        ),
         (0 <= args.seed < 2**64, f"--seed must be in [0, 2**64 - 1], got {args.seed}"),
     ]
     for ok, message in rules:

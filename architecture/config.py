@@ -86,7 +86,8 @@ def load_dataclass(cls: type, values: dict[str, Any], origin: Origin) -> Any:
         if not _type_ok(value, hints[key]):
             where = f"--{key} (command line)" if key in origin.command_line else origin.source
             raise ConfigError(f"{where}: '{key}' must be {_type_name(hints[key])}, got {json.dumps(value)}")
-    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    # an int too large for a float stays an int, for CheckedConfig's range check to name
+    converted = {k: float(v) if hints[k] is float and abs(v) < 2**63 else v for k, v in values.items()}
     return cls(**converted, origin=origin)
 
 
@@ -152,6 +153,9 @@ class CheckedConfig:
             numbers = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
                 self._fail(f.name, message=f"'{f.name}' must be a finite number, got {value}")
+            # torch, numpy and the checkpoint hold integers in 64 bits; a larger one would overflow or never end
+            if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63 for v in numbers):
+                self._fail(f.name, message=f"'{f.name}' must be below 2**63 in size, got {value}")
         self.validate()
 
     def validate(self) -> None:

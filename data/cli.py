@@ -13,8 +13,12 @@ Design choices:
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+# The most CPU threads or processes a command takes: beyond a few per core they only thrash (100,000 hung the machine).
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 
 
 class ArgumentParser(argparse.ArgumentParser):

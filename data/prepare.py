@@ -42,13 +42,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data import sources
-from data.cli import ArgumentParser
+from data.cli import MAX_WORKERS, ArgumentParser
 from data.errors import DataError, UserError
 from data.meta import prepare_command, read_meta, token_dtype, token_file_mismatch, write_meta
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
-MAX_PROC = 4 * (os.cpu_count() or 1)  # more tokenizer processes than this only thrash (100,000 would hang)
 BATCH_CHARS = 1 << 20  # a megabyte of text per task: big enough that the pool's per-task cost is noise
 
 _tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "--num-proc",
         type=int,
         default=os.cpu_count(),
-        help=f"tokenizer processes, 1 to {MAX_PROC} (default: all cores)",
+        help=f"tokenizer processes, 1 to {MAX_WORKERS} (default: all cores)",
     )
     parser.add_argument(
         "--val-fraction",
@@ -323,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     parser.add_argument("--data-root", default=DATA_ROOT, type=Path, help="where <name>/ goes (default: data/)")
     args = parser.parse_args(argv)
-    if not 1 <= args.num_proc <= MAX_PROC:
-        print(f"error: --num-proc must be 1 to {MAX_PROC} (4 x the CPU count), got {args.num_proc}", file=sys.stderr)
+    if not 1 <= args.num_proc <= MAX_WORKERS:
+        print(f"error: --num-proc must be 1 to {MAX_WORKERS} (4 x the CPU count), got {args.num_proc}", file=sys.stderr)
         return 2
     try:
         prepare(

@@ -253,6 +253,11 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
         (["--weight_decay=nan"], ("--weight_decay=nan (command line)", "finite")),
         (["--grad_clip=nan"], ("--grad_clip=nan (command line)", "finite")),
         (["--seed=18446744073709551616"], ("--seed=18446744073709551616 (command line)", "below 2**63")),
+        (
+            ["--max_iters=99999999999999999999999"],
+            ("--max_iters=99999999999999999999999 (command line)", "below 2**63"),
+        ),
+        (["--threads=100000"], ("--threads=100000 (command line)", "'threads' must be at most")),
         (["--min_lr=0.01"], ("--min_lr=0.01 (command line) with", "'min_lr' (0.01) is above")),
         (["--batch_size=x"], ("--batch_size=x: expected an integer",)),
         ([f"--out_dir={tmp_path / 'a_file'}"], ("exists and is not a directory",)),

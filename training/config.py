@@ -29,6 +29,7 @@ from architecture.config import (
     load_dataclass,
     read_json,
 )
+from data.cli import MAX_WORKERS
 from data.errors import DataError
 from data.meta import BATCH_ROWS
 from data.prepare import check_dataset_name
@@ -117,8 +118,10 @@ class TrainingConfig(CheckedConfig):
             "threads",
             allow_zero=True,
         )
-        if self.seed >= 2**63:
-            self._fail("seed", message=f"'seed' must be below 2**63, got {self.seed}")
+        if self.threads > MAX_WORKERS:
+            self._fail(
+                "threads", message=f"'threads' must be at most {MAX_WORKERS} (4 x the CPU count), got {self.threads}"
+            )
         if self.overwrite and self.init_from == "resume":
             self._fail(
                 "overwrite", "init_from", message="'overwrite' and 'init_from' resume contradict each other: choose one"
