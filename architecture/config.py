@@ -161,15 +161,18 @@ class CheckedConfig:
     def validate(self) -> None:
         raise NotImplementedError
 
-    def _fail(self, *fields: str, message: str) -> NoReturn:
-        """Raise ConfigError for a rule that `fields` break, prefixed with where their values came from: the file,
-        the command line, or both when a flag conflicts with a value from the file."""
+    def where(self, *fields: str) -> str:
+        """Where the values of `fields` came from, for a message: the file, the command line, or both when a flag
+        conflicts with a value from the file."""
         given = [name for name in fields if name in self.origin.command_line]
-        where = self.origin.source
-        if given:
-            flags = ", ".join(f"--{name}={getattr(self, name)}" for name in given) + " (command line)"
-            where = flags if len(given) == len(fields) else f"{flags} with {where}"
-        raise ConfigError(f"{where}: {message}")
+        if not given:
+            return self.origin.source
+        flags = ", ".join(f"--{name}={getattr(self, name)}" for name in given) + " (command line)"
+        return flags if len(given) == len(fields) else f"{flags} with {self.origin.source}"
+
+    def _fail(self, *fields: str, message: str) -> NoReturn:
+        """Raise ConfigError for a rule that `fields` break, prefixed with where their values came from."""
+        raise ConfigError(f"{self.where(*fields)}: {message}")
 
     def _require_positive(self, *names: str, allow_zero: bool = False) -> None:
         for name in names:
@@ -182,6 +185,11 @@ class CheckedConfig:
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready settings (what `load_dataclass` reads back)."""
         return dataclasses.asdict(self)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes: what a config whose tensors could never fit is measured against."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _default_layer_types() -> list[str]:
@@ -279,7 +287,7 @@ class ModelConfig(CheckedConfig):
     def _require_fits_in_memory(self) -> None:
         """Refuse a model whose weights alone, even in bfloat16 (2 bytes each), exceed this machine's memory: building
         it could only fail, after torch's import, as an out-of-memory error that wrongly suggests a smaller batch."""
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = machine_memory()
         needed = 2 * self.parameter_count
         if needed > memory:
             embedding = self.vocab_size * self.emb_dim * (1 if self.tie_embeddings else 2)

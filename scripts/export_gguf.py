@@ -33,6 +33,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--out {out} must be a file in an existing directory")
         if not os.access(out.parent, os.W_OK):
             raise UserError(f"--out {out} cannot be written: {out.parent} is read-only or not ours to write")
+        if out.exists() and not out.is_file():  # a device such as /dev/null: --force must not put a file in its place
+            raise UserError(f"{file_problem(out, '--out')}; name a file to write")
         if out.exists() and not args.force:
             raise UserError(f"--out {out} exists; pass --force to replace it, or choose another name")
         if args.hf_dir and not (Path(args.hf_dir) / "config.json").is_file():

@@ -109,7 +109,9 @@ def output_path(run: Path, out: Path | None, force: bool) -> Path:
         if not out.parent.is_dir():
             what = "is not a directory" if out.parent.exists() else "does not exist"
             raise ValueError(f"--out {out}: {out.parent} {what}")
-        if out.exists() and not force and not (out.is_file() and b"matplotlib" in out.read_bytes()[:4096].lower()):
+        if out.exists() and not out.is_file():  # a device or a fifo: even --force must not put a file in its place
+            raise ValueError(f"{file_problem(out, '--out')}; name a file to write")
+        if out.exists() and not force and b"matplotlib" not in out.read_bytes()[:4096].lower():
             raise ValueError(f"{out} exists and is not a plot this script wrote; pass --force to replace it")
     except OSError as e:  # a name too long, a file that cannot be read
         raise ValueError(f"cannot check {e.filename} ({e.strerror or e}); nothing was written") from None

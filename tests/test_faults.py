@@ -263,7 +263,11 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], tuple[str, ...]]]:
         ([f"--out_dir={tmp_path / 'a_file'}"], ("exists and is not a directory",)),
         ([f"--model_config={nan_model}"], (str(nan_model), "'rope_base' must be a finite number")),
         (["--overwrite=true", "--init_from=resume"], ("'overwrite' and 'init_from' resume contradict",)),
-        (["--block_size=5000"], ("'block_size' (5000) exceeds the model's context_length",)),
+        (["--block_size=5000"], ("--block_size=5000 (command line): 'block_size' (5000) exceeds the model's context",)),
+        (
+            ["--batch_size=10000000000"],
+            ("--batch_size=10000000000 (command line) with", "GiB for what the backward keeps"),
+        ),
     ]
 
 

@@ -286,6 +286,7 @@ def test_hf_dir_errors(hf_dir, capsys, tmp_path):
         ("scripts/export_hf.py", ["--ckpt", ".", "--out", "README.md"], "--out README.md exists and is not a direc"),
         ("scripts/export_gguf.py", ["--hf-dir", "nope", "--out", "x.gguf"], "is not a Hugging Face model directory"),
         ("scripts/export_gguf.py", ["--ckpt", ".", "--out", "no/x.gguf"], "must be a file in an existing directory"),
+        ("scripts/export_gguf.py", ["--ckpt", ".", "--out", "/dev/null", "--force"], "/dev/null is not a regular file"),
         ("scripts/plot_loss.py", ["nope"], "nope not found: pass a run's out_dir"),
         ("scripts/plot_loss.py", ["/dev/null"], "metrics file /dev/null is not a regular file; pass a run's out_dir"),
     ],

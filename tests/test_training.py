@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -698,6 +699,13 @@ def test_plot_out_is_the_file_it_says_and_replaces_only_its_own(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    os.mkfifo(tmp_path / "fifo.png")  # not a file: even --force leaves it (as /dev/null must be left)
+    result = plot_command(str(tmp_path), "--out", str(tmp_path / "fifo.png"), "--force")
+    assert (
+        result.returncode == 2
+        and result.stderr == f"error: --out {tmp_path}/fifo.png is not a regular file; name a file to write\n"
+    )
+    assert stat.S_ISFIFO((tmp_path / "fifo.png").stat().st_mode)
     assert plot_command(str(tmp_path), "--out", str(tmp_path / "mine.png"), "--force").returncode == 0
     assert b"Matplotlib" in (tmp_path / "mine.png").read_bytes()[:200]
 

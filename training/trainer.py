@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from architecture import IGNORE_INDEX, Gemma3Model, ModelConfig
-from architecture.config import REPO_ROOT, ConfigError
+from architecture.config import REPO_ROOT, ConfigError, machine_memory
 from architecture.hf_weights import hub_snapshot
 from data.errors import UserError
 from data.loader import BatchLoader
@@ -316,6 +316,21 @@ def _train(config: TrainingConfig, device: torch.device, world: Distributed) -> 
     return losses
 
 
+def check_batch_fits(config: TrainingConfig, model: ModelConfig) -> None:
+    """Refuse a micro-batch that could never fit in this machine's memory, before the loader gathers it (a batch_size
+    of 10**8 spent many minutes gathering rows, only to run out of memory then). The bound is a floor: the backward
+    keeps at least each layer's input, batch_size x block_size x emb_dim values, 2 bytes each even in bf16."""
+    needed = 2 * config.batch_size * config.block_size * model.emb_dim * model.n_layers
+    if needed > machine_memory():
+        raise ConfigError(
+            f"{config.where('batch_size', 'block_size')}: 'batch_size' {config.batch_size:,} x 'block_size' "
+            f"{config.block_size:,} tokens per micro-batch need at least {needed / 2**30:,.0f} GiB for what the "
+            f"backward keeps of the model's {model.n_layers} layers, and this machine has "
+            f"{machine_memory() / 2**30:,.0f} GiB; lower batch_size, raising gradient_accumulation_steps to keep the "
+            "tokens per iteration"
+        )
+
+
 def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) -> Run:
     """The model, its tokenizer and data, the optimizer and the precision; restored from latest.pt on resume."""
     if config.gradient_accumulation_steps % world.world_size:
@@ -331,9 +346,10 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
                 tqdm.write(f"note: {note}")
     if config.block_size > start.model.config.context_length:
         raise ConfigError(
-            f"{config.origin.source}: 'block_size' ({config.block_size}) exceeds the model's "
+            f"{config.where('block_size')}: 'block_size' ({config.block_size}) exceeds the model's "
             f"context_length ({start.model.config.context_length})"
         )
+    check_batch_fits(config, start.model.config)
     tokenizer = prepare_data(config, world, start)
     loader_args = dict(
         data_dir=DATA_ROOT / config.dataset,
