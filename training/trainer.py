@@ -320,13 +320,13 @@ def check_batch_fits(config: TrainingConfig, model: ModelConfig) -> None:
     """Refuse a micro-batch that could never fit in this machine's memory, before the loader gathers it (a batch_size
     of 10**8 spent many minutes gathering rows, only to run out of memory then). The bound is a floor: the backward
     keeps at least each layer's input, batch_size x block_size x emb_dim values, 2 bytes each even in bf16."""
-    needed = 2 * config.batch_size * config.block_size * model.emb_dim * model.n_layers
-    if needed > machine_memory():
+    needed, memory = 2 * config.batch_size * config.block_size * model.emb_dim * model.n_layers, machine_memory()
+    if needed > memory:
         raise ConfigError(
             f"{config.where('batch_size', 'block_size')}: 'batch_size' {config.batch_size:,} x 'block_size' "
             f"{config.block_size:,} tokens per micro-batch need at least {needed / 2**30:,.0f} GiB for what the "
             f"backward keeps of the model's {model.n_layers} layers, and this machine has "
-            f"{machine_memory() / 2**30:,.0f} GiB; lower batch_size, raising gradient_accumulation_steps to keep the "
+            f"{memory / 2**30:,.0f} GiB; lower batch_size, raising gradient_accumulation_steps to keep the "
             "tokens per iteration"
         )
 
