@@ -2,6 +2,8 @@
 
     python sample.py --ckpt checkpoints/run --prompt "Once upon a time" --max-new-tokens 200 --temperature 0.8
     python sample.py --hf-dir path/to/gemma-3-270m --prompt-file prompt.txt --temperature 0 --int8 --compile
+    python sample.py --ckpt checkpoints/sft --chat --system "Answer in one sentence."     # talk to it, turn by turn
+    python sample.py --ckpt checkpoints/sft --messages conversation.json                # answer one conversation
 
 Design choices:
 - One code path for both sources: `training.checkpoint.load_model` returns the model and its tokenizer (the one a
@@ -23,6 +25,11 @@ Design choices:
   compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
 - Options, paths and the prompt are checked before torch is imported (seconds when the machine is idle, tens of
   seconds when it is busy), so a typo is answered at once: the functions that need torch import it themselves.
+- Chat (`--chat`, `--messages`) renders the conversation with the model's chat template (data/chat.py, the one its
+  training data was rendered with) plus the generation prompt, streams the reply and stops at any end-of-turn id
+  (Gemma's `<end_of_turn>` and `<eos>`). A reply cut by --max-new-tokens is closed there (the template ends every
+  turn), and when the history outgrows the context, the oldest exchanges go first; a system message stays.
+  Each turn prefills the whole history again: at these sizes a prefill is one forward, a small share of a reply.
 - `--threads N` sets torch's CPU threads (default: torch's choice, which honours OMP_NUM_THREADS). On a CPU that
   other jobs share, fewer threads than cores can decode several times faster (each step waits for its slowest
   thread), so the last line reports the count.
@@ -30,6 +37,7 @@ Design choices:
 
 import argparse
 import itertools
+import json
 import math
 import sys
 import time
@@ -66,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
+    prompt.add_argument("--chat", action="store_true", help="talk to the model: each line you type is a user turn")
+    prompt.add_argument("--messages", help="a JSON conversation ending with a user turn: answer it once")
+    parser.add_argument("--system", help="a system message for --chat or --messages")
     parser.add_argument(
         "--max-new-tokens", type=int, default=200, help=f"at most {MAX_WINDOWS} x the model's context_length"
     )
@@ -102,6 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--threads must be 1 to {MAX_WORKERS} (4 x the CPU count), got {args.threads}",
         ),
         (0 <= args.seed < 2**64, f"--seed must be in [0, 2**64 - 1], got {args.seed}"),
+        (args.system is None or args.chat or args.messages, "--system goes with --chat or --messages"),
+        (args.num_samples == 1 or not (args.chat or args.messages), "--num-samples is for text, not --chat"),
+        (
+            not (args.compile and (args.chat or args.messages)),
+            "--compile is for text: in a chat each turn's cache has another size, which would compile again",
+        ),
     ]
     for ok, message in rules:
         if not ok:
@@ -152,6 +169,28 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise SampleError(f"cannot read prompt file {path} ({e.strerror}); nothing was generated") from None
 
 
+def read_messages(args: argparse.Namespace) -> list[dict]:
+    """The conversation of --messages (with --system first, if given), checked as data/chat.py checks rows; [] or
+    just the system message for --chat."""
+    from data.chat import prompt_conversation
+
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    if not args.messages:
+        return system
+    path = Path(args.messages)
+    problem = file_problem(path, "messages file")
+    if problem:
+        raise SampleError(problem)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SampleError(f"cannot read a JSON conversation from {path} ({e})") from None
+    messages = prompt_conversation(value, str(path))
+    if system and messages[0]["role"] == "system":
+        raise SampleError(f"{path} has a system message already; drop --system or that message")
+    return system + messages
+
+
 def stream_sample(
     model: "Gemma3Model",
     tokenizer: Tokenizer,
@@ -159,8 +198,9 @@ def stream_sample(
     args: argparse.Namespace,
     generator: "torch.Generator",
     decode: "DecodeStep",
-) -> tuple[int, float]:
-    """Generate and print one sample; return (new tokens, seconds)."""
+    stop_ids: frozenset[int] | None = None,
+) -> tuple[list[int], float]:
+    """Generate and print one sample, up to a stop id (default: the tokenizer's); return (new ids, seconds)."""
     import torch
 
     from architecture.generate import generate_stream
@@ -173,9 +213,10 @@ def stream_sample(
     stream = generate_stream(
         model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator, decode=decode
     )
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     for token in stream:
         token_id = token.item()
-        if token_id in tokenizer.stop_ids:
+        if token_id in stop_ids:
             break
         new_ids.append(token_id)
         text = tokenizer.decode(context + new_ids)
@@ -183,7 +224,7 @@ def stream_sample(
             print(text[printed:], end="", flush=True)
             printed = len(text)
     print(tokenizer.decode(context + new_ids)[printed:], flush=True)  # whatever was held back
-    return len(new_ids), time.perf_counter() - start
+    return new_ids, time.perf_counter() - start
 
 
 def compile_and_warm_up(model: "Gemma3Model", prompt_ids: list[int], max_new_tokens: int) -> "DecodeStep | None":
@@ -210,15 +251,30 @@ def compile_and_warm_up(model: "Gemma3Model", prompt_ids: list[int], max_new_tok
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prompt = read_prompt(args)
+    messages = read_messages(args)
     check_source(args)
-    generate_samples(args, prompt)
+    model, tokenizer, dtype = load_for_sampling(args)
+    if args.chat or args.messages:
+        chat(args, model, tokenizer, messages, dtype)
+    else:
+        generate_samples(args, model, tokenizer, prompt, dtype)
 
 
-def generate_samples(args: argparse.Namespace, prompt: str) -> None:
-    """Load the model, then stream `args.num_samples` continuations of `prompt` and report their speed."""
+def settings(args: argparse.Namespace, model: "Gemma3Model", dtype: "torch.dtype", compiled: bool = False) -> str:
+    """Where and how the model ran, for the speed line: "cpu, 2 threads, float32 + int8 weights, compiled"."""
     import torch
 
-    from architecture.generate import decode_one_token
+    device = model.tok_emb.weight.device
+    threads = torch.get_num_threads()
+    where = f"{device}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else str(device)
+    precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"
+    return f"{where}, {precision}{', compiled' if compiled else ''}"
+
+
+def load_for_sampling(args: argparse.Namespace) -> "tuple[Gemma3Model, Tokenizer, torch.dtype]":
+    """The model (in eval mode, on its device and dtype, int8 if asked), its tokenizer and that dtype."""
+    import torch
+
     from architecture.int8 import quantize_int8
     from training.checkpoint import load_model
 
@@ -231,7 +287,91 @@ def generate_samples(args: argparse.Namespace, prompt: str) -> None:
     if args.int8:
         quantize_int8(model)  # from the float32 weights, before any cast
     model.to(device=device, dtype=dtype)
+    return model, tokenizer, dtype
 
+
+def check_max_new_tokens(args: argparse.Namespace, context: int) -> None:
+    if args.max_new_tokens > MAX_WINDOWS * context:
+        raise SampleError(
+            f"--max-new-tokens {args.max_new_tokens} is more than {MAX_WINDOWS} x context_length ({context}): past "
+            "context_length each token costs a forward over the whole window; generate in several runs"
+        )
+
+
+def chat(
+    args: argparse.Namespace, model: "Gemma3Model", tokenizer: Tokenizer, messages: list[dict], dtype: "torch.dtype"
+) -> None:
+    """Answer --messages once, or talk (--chat): each line read is a user turn, answered and kept in the history
+    until /exit or the end of input."""
+    import torch
+
+    from architecture.generate import decode_one_token
+    from data.chat import chat_template
+
+    template, context = chat_template(tokenizer), model.config.context_length
+    check_max_new_tokens(args, context)
+    device = model.tok_emb.weight.device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.chat:
+        print(f"chatting with the {template.name} chat template; /exit or Ctrl-D to stop", file=sys.stderr)
+    while True:
+        if args.chat:
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            if not sys.stdin.isatty():  # piped: echo each turn, so that the output reads as a transcript
+                print(f"> {line}")
+            if line.strip() == "/exit":
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+        prompt_ids, dropped = fit_history(template, messages, context - min(args.max_new_tokens, context // 2))
+        if dropped:
+            print(f"note: the history outgrew the context; dropped its oldest {dropped} exchange(s)", file=sys.stderr)
+            first = 1 if messages[0]["role"] == "system" else 0
+            del messages[first : first + 2 * dropped]
+        new_ids, seconds = stream_sample(
+            model, tokenizer, prompt_ids, args, generator, decode_one_token, template.stop_ids
+        )
+        if len(new_ids) == args.max_new_tokens:
+            print(
+                f"note: the reply reached --max-new-tokens ({args.max_new_tokens}); its turn ends there",
+                file=sys.stderr,
+            )
+        rate = len(new_ids) / seconds if seconds else 0.0
+        print(
+            f"{len(new_ids)} tokens in {seconds:.2f} s: {rate:.1f} tokens/s ({len(prompt_ids)}-token prompt, "
+            f"{settings(args, model, dtype)})",
+            file=sys.stderr,
+        )
+        messages.append({"role": "assistant", "content": tokenizer.decode(new_ids)})
+        if not args.chat:
+            break
+
+
+def fit_history(template, messages: list[dict], budget: int) -> tuple[list[int], int]:
+    """The prompt ids of `messages` plus the generation prompt, dropping the oldest user/assistant exchanges (a
+    system message stays) until they fit `budget` tokens or only the last user turn is left; and how many went."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(system) :], 0
+    while True:
+        ids = template.render(system + turns, add_generation_prompt=True)[0]
+        if len(ids) <= budget or len(turns) == 1:
+            return ids, dropped
+        turns, dropped = turns[2:], dropped + 1
+
+
+def generate_samples(
+    args: argparse.Namespace, model: "Gemma3Model", tokenizer: Tokenizer, prompt: str, dtype: "torch.dtype"
+) -> None:
+    """Stream `args.num_samples` continuations of `prompt` and report their speed."""
+    import torch
+
+    from architecture.generate import decode_one_token
+
+    device = model.tok_emb.weight.device
     prompt_ids = tokenizer.prompt_ids(prompt)
     context = model.config.context_length
     if len(prompt_ids) > context:
@@ -240,11 +380,7 @@ def generate_samples(args: argparse.Namespace, prompt: str) -> None:
             file=sys.stderr,
         )
         prompt_ids = prompt_ids[-context:]
-    if args.max_new_tokens > MAX_WINDOWS * context:
-        raise SampleError(
-            f"--max-new-tokens {args.max_new_tokens} is more than {MAX_WINDOWS} x context_length ({context}): past "
-            "context_length each token costs a forward over the whole window; generate in several runs"
-        )
+    check_max_new_tokens(args, context)
     compiled = compile_and_warm_up(model, prompt_ids, args.max_new_tokens) if args.compile else None
     decode = compiled or decode_one_token
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -253,7 +389,8 @@ def generate_samples(args: argparse.Namespace, prompt: str) -> None:
         if i:
             print("---------------")
         print(tokenizer.decode(prompt_ids) if prompt else "", end="", flush=True)
-        tokens, seconds = stream_sample(model, tokenizer, prompt_ids, args, generator, decode)
+        new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, args, generator, decode)
+        tokens = len(new_ids)
         total_tokens, total_seconds, longest = total_tokens + tokens, total_seconds + seconds, max(longest, tokens)
     if len(prompt_ids) + longest > context:  # said after the text, which a note on stderr would cut in two
         print(
@@ -262,13 +399,9 @@ def generate_samples(args: argparse.Namespace, prompt: str) -> None:
             file=sys.stderr,
         )
     rate = total_tokens / total_seconds if total_seconds else 0.0
-    precision = f"{str(dtype).removeprefix('torch.')}{' + int8 weights' if args.int8 else ''}"
-    precision += ", compiled" if compiled else ""
-    threads = torch.get_num_threads()
-    where = f"{device}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else str(device)
     print(
         f"{int(total_tokens)} tokens in {total_seconds:.2f} s: {rate:.1f} tokens/s "
-        f"({len(prompt_ids)}-token prompt, {where}, {precision})",
+        f"({len(prompt_ids)}-token prompt, {settings(args, model, dtype, compiled is not None)})",
         file=sys.stderr,
     )
 

@@ -181,9 +181,11 @@ class Gemma3Model(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) for every position; loss is the mean cross-entropy over targets
-        other than IGNORE_INDEX.
+        """Logits (B, T, vocab) for every position; loss is the cross-entropy over targets other than
+        IGNORE_INDEX, their mean (or with `reduction="sum"` their sum: the trainer divides by the supervised
+        targets of a whole accumulated batch).
 
         With a `cache`, `idx` continues the cached sequence (from position `cache.pos`) and is
         cached. With targets and `return_logits=False`, logits is None and the loss never
@@ -192,13 +194,13 @@ class Gemma3Model(nn.Module):
         hidden = self.final_norm(self._hidden(idx, cache))
         if targets is not None and not return_logits:
             head = self.lm_head.weight
-            loss = linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten())
+            loss = linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten(), reduction=reduction)
             return None, loss
         logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             flat_logits = logits.float().view(-1, logits.size(-1))
-            loss = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
         return logits, loss
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None, step: CacheStep | None = None):

@@ -31,7 +31,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, pad_to: int, needs_grad: bool):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, pad_to: int, needs_grad: bool, mean: bool):
         vocab_size, weight_dtype = weight.size(0), weight.dtype
         device_type = hidden.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -42,7 +42,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         if vocab_size % pad_to:
             weight = F.pad(weight, (0, 0, 0, -vocab_size % pad_to))
         valid = targets != IGNORE_INDEX
-        row_scale = (valid / valid.sum())[:, None]  # d(mean loss)/d(row's loss): 1/n_valid, 0 on ignored rows
+        # d(loss)/d(row's loss): 1/n_valid for the mean (1 for the sum) on rows that count, 0 on ignored rows
+        row_scale = (valid / valid.sum() if mean else valid.float())[:, None]
         safe_targets = targets.masked_fill(~valid, 0)[:, None]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -81,7 +82,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -90,13 +91,17 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_rows: int | None = None,
     pad_to: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX)` for hidden (N, D), weight (V, D),
-    targets (N,), holding at most `chunk_rows` rows of logits at a time (default: CE_CHUNK_ROWS for the device),
-    with the vocabulary padded to a multiple of `pad_to` inside (default: 64 on CUDA, none elsewhere)."""
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction=reduction)` ("mean" or
+    "sum") for hidden (N, D), weight (V, D), targets (N,), holding at most `chunk_rows` rows of logits at a time
+    (default: CE_CHUNK_ROWS for the device), with the vocabulary padded to a multiple of `pad_to` inside (default: 64
+    on CUDA, none elsewhere)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     chunk_rows = chunk_rows or CE_CHUNK_ROWS.get(hidden.device.type, CE_CHUNK_ROWS["cuda"])
     pad_to = pad_to or (64 if hidden.is_cuda else 1)
     # Gradients are computed in the forward, so only when a backward can follow: not under torch.no_grad (evaluation),
     # where ctx.needs_input_grad would still say True for a parameter.
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, pad_to, needs_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, pad_to, needs_grad, reduction == "mean")

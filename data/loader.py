@@ -10,6 +10,12 @@ Design choices:
   a seed draws the same offsets for both (their evaluations read the same text); `doc`, a window from a random
   occurrence of that token, running on through the documents after it: real document starts only, but a
   document's tokens past its first block are never drawn (most of a corpus of long files).
+- `conversation` rows, for chat datasets (data/chat.py), each hold one whole conversation from its start, padded to
+  the block: x padded with the start id, y with IGNORE_INDEX, and y is IGNORE_INDEX wherever the dataset's mask
+  says a token is no target (the user's turns, the template's markup). A conversation longer than block_size + 1
+  tokens is never drawn (`dropped` counts them, and training says so): cut, it could lose its last reply's end of
+  turn and teach the model not to stop. One conversation a row, so none attends to another and positions start at
+  0, as at inference; the cost is the padding, which a block_size near the longest conversation keeps small.
 - `doc` finds the document starts once per process, with numpy over the memory map in chunks: 0.1 s for
   pystdlib's 15M tokens, 0.6 s for 500M (TinyStories' size) read from the page cache, so no index file is kept.
 - The generator lives on the CPU, so a seed gives the same stream on every device.
@@ -30,8 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from architecture.loss import IGNORE_INDEX
 from data.errors import DataError
-from data.meta import BATCH_ROWS, document_start_id, read_meta, token_file_mismatch, tokenizer_mismatch
+from data.meta import (
+    BATCH_ROWS,
+    data_file,
+    document_start_id,
+    read_meta,
+    token_file_mismatch,
+    tokenizer_mismatch,
+)
 from data.sources import command_source
 from data.tokenizer import Tokenizer
 
@@ -47,6 +61,20 @@ def document_starts(path: Path, dtype: np.dtype, start_id: int, end: int, mtime_
     data = np.memmap(path, dtype=dtype, mode="r")
     chunks = [np.flatnonzero(data[i : min(i + SCAN_CHUNK, end)] == start_id) + i for i in range(0, end, SCAN_CHUNK)]
     return np.concatenate(chunks)
+
+
+def check_rows_fit_dataset(data_dir: str | Path, meta: dict, rows: str) -> None:
+    """Conversation rows for a chat dataset, text rows for a text dataset; a DataError with the fix otherwise."""
+    if "chat" in meta and rows != "conversation":
+        raise DataError(
+            f"dataset {data_dir} holds conversations (meta.json), which train one to a row with their loss mask: "
+            "use --batch_rows=conversation (config/sft.json sets it)"
+        )
+    if "chat" not in meta and rows == "conversation":
+        raise DataError(
+            f"dataset {data_dir} holds text, not conversations: prepare a chat file (README, Chat fine-tuning) or "
+            "use --batch_rows=random, bos or doc"
+        )
 
 
 class BatchLoader:
@@ -87,15 +115,20 @@ class BatchLoader:
             raise DataError(f"{mismatch}; rebuild with --force")
         self.num_tokens = meta[f"{split}_tokens"]
         self.rebuild = f"python data/prepare.py {command_source(meta['source'])} --name {Path(data_dir).name} --force"
-        if self.num_tokens < block_size + 1:
+        if self.num_tokens < block_size + 1 and rows != "conversation":  # a conversation row is padded
             raise DataError(
                 f"{self.path} has {self.num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use a smaller block_size or a larger dataset / --val-fraction"
             )
         self.rows = rows
+        check_rows_fit_dataset(data_dir, meta, rows)
         # A `bos` row is its start token and block_size tokens of the file, the others block_size + 1 of the file.
         self.read = block_size if rows == "bos" else block_size + 1
-        self.start_id = None if rows == "random" else document_start_id(data_dir, meta, rows)
+        if rows == "conversation":
+            self.start_id = meta["chat"]["template"]["start"]
+            self._conversations(data_dir, split, block_size)
+        else:
+            self.start_id = None if rows == "random" else document_start_id(data_dir, meta, rows)
         if rows == "doc":
             end = self.num_tokens - block_size
             self.doc_starts = document_starts(self.path, self.dtype, self.start_id, end, self.path.stat().st_mtime_ns)
@@ -106,9 +139,27 @@ class BatchLoader:
                 )
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _conversations(self, data_dir: Path, split: str, block_size: int) -> None:
+        """Where each conversation that fits a row starts, and its length; how many do not fit (`dropped`)."""
+        starts = np.fromfile(Path(data_dir) / data_file(split, "starts"), dtype="<u8").astype(np.int64)
+        lengths = np.diff(starts, append=self.num_tokens)
+        fits = lengths <= block_size + 1
+        self.conversation_starts, self.conversation_lengths = starts[fits], lengths[fits]
+        self.conversation_count, self.dropped = len(starts), int((~fits).sum())
+        self.mask_path = Path(data_dir) / data_file(split, "mask")
+        if not fits.any():
+            raise DataError(
+                f"{self.path}: none of its {len(starts):,} conversations fits block_size + 1 = {block_size + 1} "
+                f"tokens (the shortest has {lengths.min():,}); raise block_size"
+            )
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) pair, int64 of shape (batch_size, block_size), on the loader's device."""
         size = (self.world_size, self.batch_size)
+        if self.rows == "conversation":
+            picks = torch.randint(len(self.conversation_starts), size, generator=self.generator)[self.rank].numpy()
+            x, y = self._conversation_rows(picks)
+            return self._to_device(x, y)
         if self.rows == "doc":
             picks = torch.randint(len(self.doc_starts), size, generator=self.generator)[self.rank]
             starts = self.doc_starts[picks.numpy()].tolist()
@@ -126,6 +177,23 @@ class BatchLoader:
             raise DataError(f"{self.path} holds token id {windows.max()} >= vocab_size {self.vocab_size}; rebuild it")
         x = torch.from_numpy(windows[:, :-1].astype(np.int64))  # astype copies into a contiguous array
         y = torch.from_numpy(windows[:, 1:].astype(np.int64))
+        return self._to_device(x, y)
+
+    def _conversation_rows(self, picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.full((len(picks), self.block_size), self.start_id, dtype=np.int64)
+        y = np.full((len(picks), self.block_size), IGNORE_INDEX, dtype=np.int64)
+        data, mask = self._token_file(), np.memmap(self.mask_path, dtype=np.uint8, mode="r")
+        for row, pick in enumerate(picks):
+            start, length = self.conversation_starts[pick], self.conversation_lengths[pick]
+            ids, targets = data[start : start + length].astype(np.int64), mask[start + 1 : start + length]
+            x[row, : length - 1] = ids[:-1]
+            y[row, : length - 1] = np.where(targets == 1, ids[1:], IGNORE_INDEX)
+        del data, mask
+        if x.max() >= self.vocab_size:
+            raise DataError(f"{self.path} holds token id {x.max()} >= vocab_size {self.vocab_size}; rebuild it")
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)

@@ -23,8 +23,17 @@ from data.tokenizer import Tokenizer, describe, document_start, gpt2, identity_o
 
 REQUIRED_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "source")
 # The kinds of rows data/loader.py draws (the training setting batch_rows), here so that configs are checked without
-# importing torch.
-BATCH_ROWS = ("random", "bos", "doc")
+# importing torch. `conversation` rows are for chat datasets, the others for text.
+BATCH_ROWS = ("random", "bos", "doc", "conversation")
+SPLITS = ("train", "val")
+# A dataset's files per split: the token ids, and for conversations the loss mask (uint8, one per token) and each
+# conversation's start (uint64 offsets into the token file).
+FILE_KINDS = ("ids", "mask", "starts")
+
+
+def data_file(split: str, kind: str = "ids") -> str:
+    """The file name of one of a split's arrays: train.bin, train.mask.bin, train.starts.bin."""
+    return f"{split}.bin" if kind == "ids" else f"{split}.{kind}.bin"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -57,12 +66,19 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 def token_file_mismatch(data_dir: str | Path, meta: dict, split: str) -> str | None:
-    """Why `data_dir/<split>.bin` does not hold meta.json's `<split>_tokens` ids, or None when it does."""
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        return f"{path} is missing"
-    size, expected = path.stat().st_size, meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
-    return None if size == expected else f"{path} has {size} bytes, meta.json says {expected}"
+    """Why `data_dir/<split>.bin` does not hold meta.json's `<split>_tokens` ids (or, for a chat dataset, its mask
+    and starts files their mask bytes and offsets), or None when they do."""
+    tokens = meta[f"{split}_tokens"]
+    sizes = {"ids": tokens * np.dtype(meta["dtype"]).itemsize}
+    if "chat" in meta:
+        sizes |= {"mask": tokens, "starts": 8 * meta["chat"].get(f"{split}_conversations", 0)}
+    for kind, expected in sizes.items():
+        path = Path(data_dir) / data_file(split, kind)
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected:
+            return f"{path} has {path.stat().st_size} bytes, meta.json says {expected}"
+    return None
 
 
 def document_start_id(data_dir: str | Path, meta: dict, batch_rows: str) -> int:

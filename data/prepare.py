@@ -42,15 +42,29 @@ import numpy as np
 from tqdm import tqdm
 
 from data import sources
+from data.chat import LOSS_ON, ChatTemplate, chat_template
 from data.cli import MAX_WORKERS, ArgumentParser
 from data.errors import DataError, UserError
-from data.meta import prepare_command, read_meta, token_dtype, token_file_mismatch, write_meta
+from data.meta import (
+    FILE_KINDS,
+    SPLITS,
+    data_file,
+    prepare_command,
+    read_meta,
+    token_dtype,
+    token_file_mismatch,
+    write_meta,
+)
 from data.tokenizer import Tokenizer, identity_of, load_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
 BATCH_CHARS = 1 << 20  # a megabyte of text per task: big enough that the pool's per-task cost is noise
 
-_tokenizer: Tokenizer | None = None  # what tokenize_batch uses, in this process (set by tokenize_stream)
+# What tokenize_batch uses, in this process (set by tokenize_stream): the tokenizer, and for conversations the chat
+# template and which tokens are targets.
+_tokenizer: Tokenizer | None = None
+_template: ChatTemplate | None = None
+_loss_on = "assistant"
 
 
 def check_dataset_name(name: str) -> None:
@@ -64,20 +78,29 @@ def check_dataset_name(name: str) -> None:
         )
 
 
-def _use_tokenizer(tokenizer: Tokenizer) -> None:
-    global _tokenizer
-    _tokenizer = tokenizer
+def _use_tokenizer(tokenizer: Tokenizer, loss_on: str = "assistant") -> None:
+    global _tokenizer, _template, _loss_on
+    _tokenizer, _template, _loss_on = tokenizer, chat_template(tokenizer), loss_on
 
 
-def tokenize_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token arrays (train, val) for (text, is_val) documents, each with its tokenizer's separators."""
-    ids: tuple[list[int], list[int]] = ([], [])
-    for text, is_val in batch:
+def tokenize_batch(batch: list[tuple[str | list, bool]]) -> tuple[dict, dict]:
+    """Arrays (train, val) for (document, is_val) pairs: each a dict of "ids" (the documents' ids, each with its
+    tokenizer's separators, or each conversation rendered by the chat template), and for conversations "mask"
+    (1 where a token is a target) and "lengths" (each conversation's ids)."""
+    parts: tuple[dict, dict] = ({"ids": [], "mask": [], "lengths": []}, {"ids": [], "mask": [], "lengths": []})
+    for document, is_val in batch:
         # One encode per document on one thread: batch encoders would start their own threads
         # inside every worker and oversubscribe the cores.
-        ids[is_val].extend(_tokenizer.document_ids(text))
-    dtype = token_dtype(_tokenizer.vocab_size)
-    return np.array(ids[0], dtype=dtype), np.array(ids[1], dtype=dtype)
+        if isinstance(document, str):
+            parts[is_val]["ids"].extend(_tokenizer.document_ids(document))
+            continue
+        ids, mask = _template.render(document, loss_on=_loss_on)
+        parts[is_val]["ids"].extend(ids)
+        parts[is_val]["mask"].extend(mask)
+        parts[is_val]["lengths"].append(len(ids))
+    dtypes = {"ids": token_dtype(_tokenizer.vocab_size), "mask": np.uint8, "lengths": np.int64}
+    train, val = ({key: np.array(values, dtype=dtypes[key]) for key, values in part.items()} for part in parts)
+    return train, val
 
 
 def document_batches(source: sources.Source, val_fraction: float, seed: int) -> Iterator[list[tuple[str, bool]]]:
@@ -98,17 +121,18 @@ def document_batches(source: sources.Source, val_fraction: float, seed: int) -> 
 
 
 def tokenize_stream(
-    batches: Iterator[list], num_proc: int, tokenizer: Tokenizer
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
-    """(documents, tokens) per batch, in input order, with at most 4 * num_proc batches in flight."""
-    _use_tokenizer(tokenizer)
+    batches: Iterator[list], num_proc: int, tokenizer: Tokenizer, loss_on: str = "assistant"
+) -> Iterator[tuple[int, tuple[dict, dict]]]:
+    """(documents, tokenize_batch's arrays) per batch, in input order, with at most 4 * num_proc batches in
+    flight."""
+    _use_tokenizer(tokenizer, loss_on)
     if num_proc == 1:
         for batch in batches:
             yield len(batch), tokenize_batch(batch)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     # Forked workers get the tokenizer without pickling it (Gemma's tokenizer.json is 33 MB).
-    with multiprocessing.get_context(method).Pool(num_proc, _use_tokenizer, (tokenizer,)) as pool:
+    with multiprocessing.get_context(method).Pool(num_proc, _use_tokenizer, (tokenizer, loss_on)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append((len(batch), pool.apply_async(tokenize_batch, (batch,))))
@@ -128,7 +152,7 @@ def _is_current(out_dir: Path, description: dict, tokenizer: Tokenizer) -> bool:
         return False
     if meta["source"] != description or identity_of(meta["tokenizer"]) != tokenizer.identity():
         return False
-    return all(token_file_mismatch(out_dir, meta, split) is None for split in ("train", "val"))
+    return all(token_file_mismatch(out_dir, meta, split) is None for split in SPLITS)
 
 
 def prepare(
@@ -145,16 +169,24 @@ def prepare(
     val_split: str | None = None,
     config: str | None = None,
     streaming: bool = False,
+    loss_on: str = "assistant",
+    skip_bad_rows: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Tokenize source into `data_root/name/` and return that directory; a no-op when up to date."""
+    """Tokenize source into `data_root/name/` and return that directory; a no-op when up to date. A chat source's
+    conversations are rendered with the tokenizer's chat template, their targets chosen by `loss_on`
+    (data/chat.py)."""
     name = name or sources.default_name(source)
     check_dataset_name(name)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
-    src = sources.resolve(source, text_field, split, val_split, config, streaming)
+    src = sources.resolve(source, text_field, split, val_split, config, streaming, skip_bad_rows)
     description = dict(src.description)
+    if src.chat:
+        description["loss_on"] = loss_on
+    elif loss_on != "assistant":
+        raise DataError(f"--loss-on is for conversations; {source} holds plain text, where every token is a target")
     has_val = description.get("val_split") is not None
     if not has_val:
         val_fraction = src.default_val_fraction if val_fraction is None else val_fraction
@@ -177,7 +209,7 @@ def prepare(
                 )
                 return out_dir
             num_proc = num_proc or os.cpu_count() or 1
-            _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress)
+            _build(src, description, tokenizer, out_dir, num_proc, val_fraction or 0.0, seed, progress, loss_on)
     except BaseException:
         if made:  # a failed first build leaves no empty data/<name>/ (nor a --data-root it made) behind
             (out_dir / ".lock").unlink(missing_ok=True)
@@ -197,6 +229,7 @@ def _build(
     val_fraction: float,
     seed: int,
     progress: bool,
+    loss_on: str,
 ) -> None:
     start = time.perf_counter()
     # Open the source before announcing the tokenizing or touching the old dataset: a Hugging Face dataset downloads
@@ -210,23 +243,31 @@ def _build(
         raise DataError(f"cannot read {where} ({e.strerror or e}); {kept}") from None
     batches = itertools.chain([first], batches) if first else iter(())
     # Remove the old dataset first: a rebuild that dies halfway must not leave a mix of files.
-    for f in ("meta.json", "train.bin", "val.bin"):
+    for f in ("meta.json", *(data_file(split, kind) for split in SPLITS for kind in FILE_KINDS)):
         (out_dir / f).unlink(missing_ok=True)
-    tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
+    kinds = FILE_KINDS if src.chat else ("ids",)
+    tmp = {(split, kind): out_dir / f"{data_file(split, kind)}.tmp" for split in SPLITS for kind in kinds}
     counts = {"train_tokens": 0, "val_tokens": 0}
+    supervised = {split: 0 for split in SPLITS}
+    conversations = {split: 0 for split in SPLITS}
     docs = 0
-    files = {split: open(path, "wb") for split, path in tmp.items()}
+    files = {key: open(path, "wb") for key, path in tmp.items()}
     if progress:
         source = sources.command_source(description)
         print(f"tokenizing {source} into {out_dir} with {tokenizer}, {num_proc} processes", flush=True)
     # The bar only on a terminal: in a redirected log it would be hundreds of frames.
     bar = tqdm(desc=f"tokenizing {out_dir.name}", unit=" docs", disable=not progress or None, smoothing=0)
     try:
-        for n, (train, val) in tokenize_stream(batches, num_proc, tokenizer):
-            train.tofile(files["train"])
-            val.tofile(files["val"])
-            counts["train_tokens"] += len(train)
-            counts["val_tokens"] += len(val)
+        for n, arrays in tokenize_stream(batches, num_proc, tokenizer, loss_on):
+            for split, part in zip(SPLITS, arrays, strict=True):
+                part["ids"].tofile(files[split, "ids"])
+                if src.chat:  # each conversation's first id, as an offset into the split's token file
+                    offsets = counts[f"{split}_tokens"] + np.cumsum(part["lengths"]) - part["lengths"]
+                    offsets.astype("<u8").tofile(files[split, "starts"])
+                    part["mask"].tofile(files[split, "mask"])
+                    supervised[split] += int(part["mask"].sum())
+                    conversations[split] += len(part["lengths"])
+                counts[f"{split}_tokens"] += len(part["ids"])
             docs += n
             bar.update(n)
             tokens = counts["train_tokens"] + counts["val_tokens"]
@@ -236,24 +277,28 @@ def _build(
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        for split, count in counts.items():
-            if count == 0:
-                raise DataError(f"the {split[:-7]} split got no documents; check the source or --val-fraction")
-        for split, path in tmp.items():
-            os.replace(path, out_dir / f"{split}.bin")
+        for split in SPLITS:
+            if counts[f"{split}_tokens"] == 0:
+                raise DataError(f"the {split} split got no documents; check the source or --val-fraction")
+            if src.chat and supervised[split] == 0:
+                raise DataError(f"the {split} split has no target tokens (no assistant replies); check the source")
+        for (split, kind), path in tmp.items():
+            os.replace(path, out_dir / data_file(split, kind))
     except BaseException as e:
         bar.close()  # so an error message starts on a line of its own
-        for split, f in files.items():
+        for key, f in files.items():
             f.close()
-            tmp[split].unlink(missing_ok=True)
+            tmp[key].unlink(missing_ok=True)
         if isinstance(e, OSError):  # a full disk, most often
             raise DataError(f"cannot write {out_dir} ({e.strerror or e}); nothing of this dataset was kept") from None
         raise
-    separators = (
-        "<|endoftext|> after every document"
-        if tokenizer.bos_id is None
-        else f"bos ({tokenizer.bos_id}) before and eos ({tokenizer.eos_id}) after every document"
-    )
+    if src.chat:
+        template = chat_template(tokenizer)
+        separators = f"conversations rendered with the {template.name} chat template (data/chat.py)"
+    elif tokenizer.bos_id is None:
+        separators = "<|endoftext|> after every document"
+    else:
+        separators = f"bos ({tokenizer.bos_id}) before and eos ({tokenizer.eos_id}) after every document"
     meta = {
         "tokenizer": {**tokenizer.identity(), "origin": tokenizer.origin},
         "vocab_size": tokenizer.vocab_size,
@@ -263,12 +308,30 @@ def _build(
         "source": description,
         "format": f"raw little-endian token ids, {separators}",
     }
+    if src.chat:
+        meta["chat"] = {
+            "template": template.describe(),
+            "loss_on": loss_on,
+            **{f"{split}_conversations": conversations[split] for split in SPLITS},
+            **{f"{split}_supervised_tokens": supervised[split] for split in SPLITS},
+            "skipped_rows": len(src.skipped),
+            "files": "<split>.mask.bin: uint8, 1 where the token is a target; <split>.starts.bin: uint64 offsets",
+        }
     write_meta(out_dir, meta)
     seconds = time.perf_counter() - start
+    what = f"{docs:,} conversations" if src.chat else f"{docs:,} documents"
     print(
         f"{out_dir}: {counts['train_tokens']:,} train + {counts['val_tokens']:,} val tokens"
-        f" from {docs:,} documents in {seconds:.1f}s, tokenizer {tokenizer}"
+        f" from {what} in {seconds:.1f}s, tokenizer {tokenizer}"
     )
+    if src.chat:
+        total = counts["train_tokens"] + counts["val_tokens"]
+        print(
+            f"{template.name} chat template; {sum(supervised.values()):,} target tokens "
+            f"({sum(supervised.values()) / total:.0%}, --loss-on {loss_on})"
+        )
+    if src.skipped:
+        print(f"skipped {len(src.skipped):,} bad rows (--skip-bad-rows); the first: {src.skipped[0]}")
 
 
 def ensure_prepared(dataset: str, tokenizer: Tokenizer, data_root: str | Path = DATA_ROOT) -> Path:
@@ -319,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-split", help="HF split to validate on (default: hold out a fraction)")
     parser.add_argument("--config", help="HF dataset configuration name")
     parser.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of caching it")
+    parser.add_argument(
+        "--loss-on",
+        choices=LOSS_ON,
+        default="assistant",
+        help="conversations: train on the assistant's replies (default) or on every token",
+    )
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip (and count) rows that are not valid, instead of stopping"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     parser.add_argument("--data-root", default=DATA_ROOT, type=Path, help="where <name>/ goes (default: data/)")
     args = parser.parse_args(argv)
@@ -339,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             val_split=args.val_split,
             config=args.config,
             streaming=args.streaming,
+            loss_on=args.loss_on,
+            skip_bad_rows=args.skip_bad_rows,
             force=args.force,
         )
     except UserError as e:

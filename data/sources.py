@@ -28,9 +28,10 @@ import socket
 import sysconfig
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import chat
 from data.errors import DataError
 
 OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pystdlib)"
@@ -39,9 +40,11 @@ OFFLINE_HINT = "for an offline corpus use: python data/prepare.py pydocs (or pys
 @dataclass
 class Source:
     description: dict
-    documents: Callable[[], Iterator[tuple[str, str | None]]]
+    documents: Callable[[], Iterator[tuple[str | list, str | None]]]  # text, or a conversation's messages
     # Fraction of documents held out for val when the source has no val split of its own.
     default_val_fraction: float = 0.01
+    chat: bool = False  # documents are conversations (message lists), rendered with the model's chat template
+    skipped: list = field(default_factory=list)  # bad rows skipped so far (--skip-bad-rows), their messages
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,13 @@ def resolve(
     val_split: str | None = None,
     config: str | None = None,
     streaming: bool = False,
+    skip_bad_rows: bool = False,
 ) -> Source:
     """The Source named by a prepare SOURCE argument; a built-in corpus takes only `streaming` of the options."""
     if source in KNOWN:
         return KNOWN[source].make(streaming)
     if _looks_local(source):
-        return local_files(source, text_field)
+        return local_files(source, text_field, skip_bad_rows)
     return huggingface(source, text_field, split, val_split, config, streaming)
 
 
@@ -98,7 +102,7 @@ def default_name(source: str) -> str:
         path = Path(source.rstrip("/\\"))
         while glob.has_magic(str(path)):
             path = path.parent
-        return (path.stem if path.suffix in (".txt", ".jsonl") else path.name).lower() or "local"
+        return (path.stem if path.suffix in LOCAL_SUFFIXES else path.name).lower() or "local"
     return source.split("/")[-1].lower()
 
 
@@ -108,7 +112,7 @@ def command_source(description: dict) -> str:
         if built_in.marks.items() <= description.items():
             return name
     kind = description.get("kind")
-    if kind == "files":
+    if kind in ("files", "chat files"):
         return description["pattern"]
     if kind == "huggingface":
         return description["dataset"]
@@ -116,50 +120,80 @@ def command_source(description: dict) -> str:
 
 
 def _looks_local(source: str) -> bool:
-    return os.path.exists(source) or glob.has_magic(source) or source.endswith((".txt", ".jsonl"))
+    return os.path.exists(source) or glob.has_magic(source) or source.endswith(LOCAL_SUFFIXES)
 
 
-def local_files(pattern: str, text_field: str = "text") -> Source:
-    """`.txt` files (one document each) and `.jsonl` files (one document per line's text_field)."""
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def local_files(pattern: str, text_field: str = "text", skip_bad_rows: bool = False) -> Source:
+    """`.txt` files (one document each), `.jsonl` files (one row per line) and `.json` files (an array of rows).
+    A row is a document (its `text_field`) or, when the first row is one, a conversation (data/chat.py's formats):
+    then every row must be, and the documents are message lists. With `skip_bad_rows`, a bad row is counted in
+    `Source.skipped` instead of stopping."""
     if os.path.isdir(pattern):
-        files = [p for p in Path(pattern).rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()]
+        files = [p for p in Path(pattern).rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file()]
     else:
         files = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     files = sorted(files)
     if not files:
-        raise DataError(f"no .txt or .jsonl files match {pattern!r}")
-    unsupported = [str(p) for p in files if p.suffix not in (".txt", ".jsonl")]
+        raise DataError(f"no .txt, .jsonl or .json files match {pattern!r}")
+    unsupported = [str(p) for p in files if p.suffix not in LOCAL_SUFFIXES]
     if unsupported:
-        raise DataError(f"unsupported file type (want .txt or .jsonl): {unsupported[0]}")
+        raise DataError(f"unsupported file type (want .txt, .jsonl or .json): {unsupported[0]}")
+    first = next(_rows(files[0]), (None, ""))[0]
+    is_chat = chat.is_chat_row(first)
+    if is_chat and any(p.suffix == ".txt" for p in files):
+        raise DataError(f"{files[0]} holds conversations, so every file must: .txt files are plain text")
+    skipped: list[str] = []
 
-    def documents() -> Iterator[tuple[str, None]]:
+    def documents() -> Iterator[tuple[str | list, None]]:
         for path in files:
-            if path.suffix == ".txt":
-                yield path.read_text(encoding="utf-8", errors="replace"), None
-                continue
-            with path.open(encoding="utf-8", errors="replace") as f:  # as .txt: a bad byte becomes U+FFFD
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _jsonl_text(line, text_field, f"{path}:{lineno}"), None
+            for row, where in _rows(path):
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    yield (chat.conversation(row, where) if is_chat else _row_text(row, text_field, where)), None
+                except DataError as e:
+                    if not skip_bad_rows:
+                        raise DataError(f"{e}; fix the row, or pass --skip-bad-rows to skip such rows") from None
+                    skipped.append(str(e))
 
     stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
     description = {
-        "kind": "files",
+        "kind": "chat files" if is_chat else "files",
         "pattern": pattern,
-        "text_field": text_field,
+        **({} if is_chat else {"text_field": text_field}),
         "files": len(files),
         "bytes": sum(size for _, size, _ in stats),
         # Any added, removed, grown or touched file changes this, and so triggers a rebuild.
         "fingerprint": hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16],
     }
-    return Source(description, documents)
+    # Chat sets are small (Google's guide fine-tunes on 25 rows): hold out more than 1% so that val has some.
+    return Source(description, documents, 0.1 if is_chat else 0.01, is_chat, skipped)
 
 
-def _jsonl_text(line: str, text_field: str, where: str) -> str:
-    try:
-        row = json.loads(line)
-    except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e})") from e
+def _rows(path: Path) -> Iterator[tuple[object, str]]:
+    """(row, where) in a file: a .txt file is one row, its text; a .jsonl file one per non-blank line (a line that is
+    not JSON is a DataError in the row's place); a .json file the items of its array. Bad bytes become U+FFFD."""
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8", errors="replace"), str(path)
+    elif path.suffix == ".json":
+        yield from chat.read_rows(path, path.read_text(encoding="utf-8", errors="replace"))
+    else:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    where = f"{path}:{lineno}"
+                    try:
+                        yield json.loads(line), where
+                    except ValueError as e:  # a bad row like any other: skipped with --skip-bad-rows
+                        yield DataError(f"{where}: not valid JSON ({e})"), where
+
+
+def _row_text(row: object, text_field: str, where: str) -> str:
+    if isinstance(row, str):  # a .txt file
+        return row
     if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
         raise DataError(f"{where}: no string field {text_field!r} (set it with --text-field)")
     return row[text_field]
@@ -274,8 +308,67 @@ def pystdlib() -> Source:
     return Source(description, documents)
 
 
+# The standard-library modules whose functions `pychat` asks about: small, familiar, and in every Python.
+PYCHAT_MODULES = (
+    "base64", "bisect", "calendar", "colorsys", "copy", "csv", "difflib", "fnmatch", "functools", "glob", "gzip",
+    "hashlib", "heapq", "html", "itertools", "json", "keyword", "math", "operator", "os.path", "random", "re",
+    "secrets", "shlex", "shutil", "statistics", "string", "textwrap", "time", "unicodedata", "urllib.parse", "uuid",
+    "zlib",
+)  # fmt: skip
+
+
+def pychat_answers() -> list[tuple[str, str, str]]:
+    """(qualified name, signature or "", the docstring's first paragraph) of the public functions of
+    PYCHAT_MODULES whose docstring opens with a paragraph of 20 to 300 characters, in a fixed order."""
+    import importlib
+    import inspect
+
+    found = []
+    for module_name in PYCHAT_MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or inspect.isclass(obj) or not callable(obj):
+                continue
+            if not inspect.isbuiltin(obj) and getattr(obj, "__module__", None) != module.__name__:
+                continue  # imported from elsewhere
+            summary = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+            if not 20 <= len(summary) <= 300 or summary.startswith(f"{name}("):
+                continue
+            try:
+                signature = str(inspect.signature(obj))
+            except (TypeError, ValueError):  # some C functions have none
+                signature = ""
+            found.append((f"{module_name}.{name}", signature, summary))
+    return found
+
+
+def pychat() -> Source:
+    """Conversations about the standard library, made from the running Python's docstrings: a question about a
+    function answered with its docstring's first paragraph; every third with a system message asking for one
+    sentence, and every third a follow-up asking how to call it, answered with its signature. A few hundred rows,
+    offline: the chat fine-tuning path's data when a user brings none (README, Chat fine-tuning)."""
+
+    def documents() -> Iterator[tuple[list, None]]:
+        for i, (qualified, signature, summary) in enumerate(pychat_answers()):
+            question = {"role": "user", "content": f"What does `{qualified}` do?"}
+            if i % 3 == 1:
+                sentence = summary.split(". ")[0].rstrip(".") + "."
+                yield [{"role": "system", "content": "Answer in one sentence."}, question,
+                       {"role": "assistant", "content": sentence}], None  # fmt: skip
+            elif i % 3 == 2 and signature:
+                follow_up = [{"role": "user", "content": "How do I call it?"},
+                             {"role": "assistant", "content": f"`{qualified}{signature}`"}]  # fmt: skip
+                yield [question, {"role": "assistant", "content": summary}, *follow_up], None
+            else:
+                yield [question, {"role": "assistant", "content": summary}], None
+
+    description = {"kind": "pychat", "python": platform.python_version(), "conversations": len(pychat_answers())}
+    return Source(description, documents, default_val_fraction=0.1, chat=True)
+
+
 KNOWN: dict[str, BuiltIn] = {
     "tinystories": BuiltIn(tinystories, tinystories(streaming=False).description),
     "pydocs": BuiltIn(lambda streaming: pydocs(), {"kind": "pydocs"}),
     "pystdlib": BuiltIn(lambda streaming: pystdlib(), {"kind": "pystdlib"}),
+    "pychat": BuiltIn(lambda streaming: pychat(), {"kind": "pychat"}),
 }

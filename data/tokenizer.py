@@ -74,6 +74,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def special_id(self, text: str) -> int | None:
+        """The id of the special (control) token spelled `text`, such as Gemma's `<end_of_turn>`; None if none."""
+        return None
+
     def token_bytes(self) -> list[int]:
         """The UTF-8 bytes each id stands for in decoded text, indexed by id (0 for special tokens); computed once."""
         if self._token_bytes is None:
@@ -170,6 +174,10 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True)
+
+    def special_id(self, text: str) -> int | None:
+        found = [i for i, t in self.backend.get_added_tokens_decoder().items() if t.special and t.content == text]
+        return found[0] if found else None
 
     def _count_token_bytes(self) -> list[int]:
         # A byte-level BPE spells each byte as one character; a SentencePiece BPE spells a space as `▁`.

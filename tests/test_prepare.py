@@ -117,7 +117,7 @@ def test_unknown_dataset_not_prepared(tmp_path):
 
 
 def test_bad_inputs_are_data_errors(corpus, tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="no .txt or .jsonl files"):
+    with pytest.raises(DataError, match="no .txt, .jsonl or .json files"):
         prepare(str(tmp_path / "nothing" / "*.txt"), data_root=tmp_path, progress=False)
     with pytest.raises(DataError, match="no string field 'body'"):
         prepare(str(corpus), "x", data_root=tmp_path, text_field="body", num_proc=1, progress=False)
@@ -132,7 +132,7 @@ def test_bad_inputs_are_data_errors(corpus, tmp_path, monkeypatch):
 def test_cli_error_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing.txt"), "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no .txt or .jsonl files") and err.count("\n") == 1
+    assert err.startswith("error: no .txt, .jsonl or .json files") and err.count("\n") == 1
 
 
 def test_first_line_says_what_prepare_does(corpus, tmp_path, monkeypatch, capsys):

@@ -61,7 +61,10 @@ class TrainingConfig(CheckedConfig):
     block_size: int = setting(128, "tokens per sequence")
     gradient_accumulation_steps: int = setting(32, "micro-batches per iteration, across all processes")
     max_iters: int = setting(4690, "iterations (optimizer updates)")
-    batch_rows: str = setting("random", "random (a window anywhere), bos (<bos> + a window), doc (from a <bos>)")
+    batch_rows: str = setting(
+        "random",
+        "random (a window anywhere), bos (<bos> + a window), doc (from a <bos>), conversation (chat data, one a row)",
+    )
 
     learning_rate: float = setting(1e-4, "peak, reached at the end of warmup (with muon: the AdamW groups' peak)")
     min_lr: float = setting(1e-5, "floor of the decay, held after max_iters (muon's: x muon_lr / learning_rate)")

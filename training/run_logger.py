@@ -212,7 +212,7 @@ class RunLogger(NullLogger):
             lines.append("continue with --init_from=resume (and the same other settings)")
         lines += [
             "next:",
-            f"  python sample.py --ckpt {self.out_dir}",
+            f"  python sample.py --ckpt {self.out_dir}{' --chat' if run.config.batch_rows == 'conversation' else ''}",
             f"  python scripts/plot_loss.py {self.out_dir}",
             f"  python scripts/export_hf.py --ckpt {self.out_dir} --out exported/{self.out_dir.name}",
         ]

@@ -15,8 +15,10 @@ Design choices:
   checkpoint holds, and `load_state_dict()` is exactly what resume restores.
 - Batches are a pure function of (seed, global batch index): rank r of W takes batches r, r + W, ... so W
   processes see exactly the micro-batches one process would, and resume needs only the loader's state.
-- DDP synchronises gradients only on the last micro-step (`no_sync` before). The loss is scaled by
-  1 / local micro-steps and DDP averages over ranks, so the update equals the single-process one.
+- DDP synchronises gradients only on the last micro-step (`no_sync` before). Each micro-batch's loss is its sum over
+  its targets; after DDP's average over ranks the gradients are scaled by world size / the iteration's targets (on
+  every rank, from one all-reduce), so the update is the mean over every target of the iteration, equal to the
+  single-process one even when rows hold different numbers of targets (conversations, data/loader.py).
 - Ctrl-C sets a flag; the loop finishes the iteration it is in, saves `latest` and exits, so the checkpoint
   is always at an iteration boundary and resume is exact. A second Ctrl-C stops at once.
 - A non-finite loss stops the run before the optimizer step; the checkpoints on disk are left untouched.
@@ -362,7 +364,10 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
     train_loader = BatchLoader(
         split="train", seed=config.seed, rank=world.rank, world_size=world.world_size, **loader_args
     )
-    BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not at the first eval
+    val_loader = BatchLoader(split="val", **loader_args)  # a val split too short for a block fails now, not later
+    if config.batch_rows == "conversation" and world.is_master:
+        for loader in (train_loader, val_loader):
+            tqdm.write(f"note: {conversation_note(loader)}")
 
     model = start.model
     autocast, precision_note = place_model(model, config, device)
@@ -388,6 +393,16 @@ def setup_run(config: TrainingConfig, device: torch.device, world: Distributed) 
             make_best_consistent(run)
     run.step_model, run.eval_model = training_models(model, config.compile, world, device)
     return run
+
+
+def conversation_note(loader: BatchLoader) -> str:
+    """How a split's conversations fill the rows: how many are dropped as too long, how much of a row is padding."""
+    kept, rows = loader.conversation_lengths, loader.block_size + 1
+    dropped = f", {loader.dropped:,} longer than block_size + 1 = {rows} tokens left out" if loader.dropped else ""
+    return (
+        f"{loader.split}: {loader.conversation_count:,} conversations{dropped}; {kept.mean():,.0f} tokens on "
+        f"average, so about {1 - kept.mean() / rows:.0%} of a row is padding"
+    )
 
 
 def prepare_data(config: TrainingConfig, world: Distributed, start: ModelStart) -> Tokenizer:
@@ -445,26 +460,31 @@ def train_step(run: Run, stop_request: StopRequest) -> tuple[float, torch.Tensor
     before clipping (a tensor: reading it waits for the device, so only the logged iterations do) and whether any
     rank asked to stop."""
     model, loader, world = run.step_model, run.train_loader, run.world
-    loss_sum = torch.zeros((), device=run.device)
+    nats, targets = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
     x, y = loader.next_batch()
     for micro_step in range(run.local_accum):
         last = micro_step == run.local_accum - 1
         # DDP all-reduces gradients on the last micro-step only; no_sync's context can be entered once.
         with model.no_sync() if world.enabled and not last else contextlib.nullcontext():
             with run.autocast:
-                loss = model(x, y, return_logits=False)[1] / run.local_accum
+                loss = model(x, y, return_logits=False, reduction="sum")[1]
+            targets += (y != IGNORE_INDEX).sum()
             if not last:  # prefetch within the iteration only: checkpoints stay at its boundary
                 x, y = loader.next_batch()
             loss.backward()
-        loss_sum += loss.detach()
+        nats += loss.detach()
 
-    # One small all-reduce carries both the mean loss and any rank's stop request.
-    status = torch.stack([loss_sum, torch.tensor(float(stop_request.requested), device=run.device)])
+    # One small all-reduce carries the summed loss, the targets it was summed over and any rank's stop request.
+    status = torch.stack([nats, targets, torch.tensor(float(stop_request.requested), device=run.device)])
     if world.enabled:
         dist.all_reduce(status)
-        status[0] /= world.world_size
-    loss_value, stop = status[0].item(), status[1].item() > 0
+    total_nats, total_targets, stops = status.tolist()
+    loss_value, stop = total_nats / total_targets, stops > 0
     check_loss(run, loss_value)
+    # The gradients are of summed losses, averaged over ranks by DDP: this makes them the mean over every target of
+    # the iteration, so that micro-batches and ranks whose rows hold different numbers of targets (conversations)
+    # update the model as one big batch would.
+    torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], world.world_size / total_targets)
     # With grad_clip 0 the norm is still measured: an infinite bound scales every gradient by exactly 1.
     max_norm = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
