@@ -731,12 +731,13 @@ def test_batch_rows_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_rows", ["bos", "doc"])
+@pytest.mark.parametrize("batch_rows", ["bos", "doc", "conversation"])
 def test_ctrl_c_then_resume_gives_identical_losses_with_document_rows(tmp_path, batch_rows):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir(), stopped.mkdir()
-    run_train(run_config(straight, batch_rows=batch_rows))
-    config = run_config(stopped, batch_rows=batch_rows)
+    chat = {"dataset": "pychat", "block_size": 128} if batch_rows == "conversation" else {}  # a chat dataset
+    run_train(run_config(straight, batch_rows=batch_rows, **chat))
+    config = run_config(stopped, batch_rows=batch_rows, **chat)
     process = train_process(config, start_new_session=True)
     wait_for_iteration(stopped / "run" / "metrics.jsonl", 3, process)
     process.send_signal(signal.SIGINT)
