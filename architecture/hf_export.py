@@ -6,7 +6,9 @@ Design choices:
 - The default export dtype is float32, the dtype training keeps: transformers then computes the same logits as our
   model. bfloat16 halves the files; config.json records whichever dtype the tensors have.
 - The tokenizer is the model's own: a Hugging Face one is written as it came (tokenizer.json, and its
-  tokenizer_config.json when it had one, chat template included). GPT-2's is rebuilt from a tiktoken encoding with
+  tokenizer_config.json when it had one, chat template included). One without a chat template gets the template
+  this repository fine-tunes with (data/chat.py, in jinja), so transformers' apply_chat_template renders
+  conversations with the ids training saw. GPT-2's is rebuilt from a tiktoken encoding with
   the `tokenizers` library (byte-level BPE, GPT-2's split pattern), so no download is needed. tiktoken ranks hold
   no merge list; each token's merge is recovered by running byte-level BPE on its bytes with only lower ranks
   allowed, which ends in exactly two parts whose merge creates the token. Merges are then ordered by the rank of
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from data.chat import chat_template
 
 from .hf_weights import hf_names
 
@@ -89,7 +93,7 @@ def gpt2_vocab_and_merges(encoding) -> tuple[dict[str, int], list[tuple[str, str
     return vocab, merges
 
 
-def write_gpt2_tokenizer(encoding, out_dir: str | Path, model_max_length: int) -> None:
+def write_gpt2_tokenizer(encoding, out_dir: str | Path, model_max_length: int, chat_template: str) -> None:
     """Write tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json) equal to the tiktoken `encoding`."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -111,21 +115,21 @@ def write_gpt2_tokenizer(encoding, out_dir: str | Path, model_max_length: int) -
         "unk_token": eot_text,
         "add_prefix_space": False,
         "model_max_length": model_max_length,
+        "chat_template": chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def export_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> None:
-    """Write a `data.tokenizer.Tokenizer` so that `transformers.AutoTokenizer.from_pretrained(out_dir)` reads it."""
+    """Write a `data.tokenizer.Tokenizer` so that `transformers.AutoTokenizer.from_pretrained(out_dir)` reads it, with
+    the chat template the model was fine-tuned with (data/chat.py) unless its tokenizer_config.json has one."""
+    jinja = chat_template(tokenizer).jinja
     if tokenizer.kind == "gpt2":
-        write_gpt2_tokenizer(tokenizer.encoding, out_dir, model_max_length)
+        write_gpt2_tokenizer(tokenizer.encoding, out_dir, model_max_length, jinja)
         return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(tokenizer.json_text, encoding="utf-8")
-    if tokenizer.config_text is not None:
-        (out / "tokenizer_config.json").write_text(tokenizer.config_text, encoding="utf-8")
-        return
     token = lambda i: None if i is None else tokenizer.backend.id_to_token(i)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -133,4 +137,9 @@ def export_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> N
         "eos_token": token(tokenizer.eos_id),
         "model_max_length": model_max_length,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer.config_text is not None:  # as it came, chat template included
+        config = json.loads(tokenizer.config_text)
+    config.setdefault("chat_template", jinja)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )

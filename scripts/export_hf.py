@@ -86,11 +86,13 @@ def write_export(model, tokenizer, out: Path, dtype: str) -> None:
     import torch
 
     from architecture.hf_export import export_hf, export_tokenizer
+    from data.chat import chat_template
 
     bos_id = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id  # GPT-2 starts from end-of-text
     special = dict(bos_token_id=bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)
     export_hf(model, out, getattr(torch, dtype), **special)
-    generation = {**special, "eos_token_id": sorted(tokenizer.stop_ids)}
+    # generate() stops at every id that ends a turn (Gemma's <end_of_turn> and <eos>), as sample.py --chat does.
+    generation = {**special, "eos_token_id": sorted(chat_template(tokenizer).stop_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     export_tokenizer(tokenizer, out, model.config.context_length)
 

@@ -394,3 +394,86 @@ def test_a_tiny_model_fitted_to_chat_data_answers_and_stops_on_its_own(tmp_path)
         assert transcript.stdout.splitlines()[:2] == [f"> {rows[1][0]['content']}", rows[1][1]["content"]]
     finally:
         shutil.rmtree(data_root, ignore_errors=True)
+
+
+# --- fine-tuning a Gemma 3 and exporting it -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_finetune(gemma_dir, tmp_path_factory) -> Path:
+    """pychat prepared with the Gemma directory's tokenizer and a 2-iteration fine-tune of its model on it, through
+    the real commands, as the README's chat walk-through runs them for the official model."""
+    data_root = DATA_ROOT / "pytest-chat-gemma"
+    shutil.rmtree(data_root, ignore_errors=True)
+    result = run("data/prepare.py", "pychat", "--name", "pytest-chat-gemma", "--tokenizer", str(gemma_dir))
+    assert result.returncode == 0, result.stderr
+    assert "gemma chat template" in result.stdout
+    out = tmp_path_factory.mktemp("sft") / "run"
+    flags = {
+        "init_from": gemma_dir,
+        "dataset": "pytest-chat-gemma",
+        "out_dir": out,
+        "device": "cpu",
+        "dtype": "float32",
+        "max_iters": 2,
+        "warmup_steps": 1,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "eval_interval": 2,
+        "eval_iters": 1,
+        "log_interval": 1,
+    }
+    result = run("train.py", "--config", "config/sft.json", *(f"--{k}={v}" for k, v in flags.items()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield out
+    shutil.rmtree(data_root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_gemma_finetune_starts_at_transformers_masked_loss_on_the_same_rows(gemma_dir, gemma_finetune):
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in (gemma_finetune / "metrics.jsonl").read_text().splitlines()]
+    first = next(row["loss"] for row in rows if row["kind"] == "train" and row["iter"] == 1)
+    config = json.loads((REPO / "config" / "sft.json").read_text())
+    loader = BatchLoader(
+        DATA_ROOT / "pytest-chat-gemma", "train", 2, config["block_size"], seed=config["seed"], rows="conversation"
+    )
+    x, y = loader.next_batch()
+    assert (x[:, 0] == 2).all() and (x[:, 1] == 105).all()  # <bos><start_of_turn>
+    hf_model = AutoModelForCausalLM.from_pretrained(gemma_dir).eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(hf_model(x).logits.flatten(0, 1), y.flatten()).item()  # ignore_index -100
+    assert first == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_the_hf_export_renders_our_ids_and_generate_stops_where_we_do(gemma_finetune, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from architecture.generate import generate_stream
+    from training.checkpoint import load_model
+
+    out = tmp_path / "hf"
+    result = run("scripts/export_hf.py", "--ckpt", str(gemma_finetune), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
+    ours, tokenizer = load_model(gemma_finetune)
+    template = chat_template(tokenizer)
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = normalised(MULTI_TURN)[:3]
+    ids = template.render(prompt, add_generation_prompt=True)[0]
+    rendered = hf_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert rendered == ids
+    idx = torch.tensor([ids])
+    greedy = [t.item() for t in generate_stream(ours.eval(), idx, 12, temperature=0)]
+    with torch.no_grad():
+        theirs = hf_model.generate(idx, max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    stop = template.stop_ids & set(greedy)
+    expected = greedy[: min(greedy.index(s) for s in stop) + 1] if stop else greedy
+    assert theirs == expected  # transformers stops on the first end-of-turn id we stop on, or runs as we do
+    # Stopping itself: with our 5th token as the end of turn, transformers stops right after it, as we would.
+    with torch.no_grad():
+        cut = hf_model.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=greedy[4])[0, len(ids) :]
+    assert cut.tolist() == greedy[: greedy.index(greedy[4]) + 1]
