@@ -12,20 +12,26 @@ Design choices:
 - The output head is written only when untied; a tied model reuses token_embd, as llama.cpp expects.
 - q8_0 goes through the `gguf` package's own quantizer (blocks of 32 values, one float16 scale each); a matrix whose
   rows do not divide into such blocks falls back to float16, as llama.cpp's converter does.
-- The tokenizer is byte-level BPE ("gpt2" model, "gpt-2" pre-tokenizer): tokens in id order, merges in rank order,
-  `<|endoftext|>` a control token and the bos / eos / eot / padding id. A Hugging Face tokenizer is written the same
-  way when it is byte-level BPE with GPT-2's split; any other (Gemma's own) is refused, naming llama.cpp's converter
-  on our Hugging Face export as the path.
+- GPT-2's tokenizer is byte-level BPE ("gpt2" model, "gpt-2" pre-tokenizer): tokens in id order, merges in rank
+  order, `<|endoftext|>` a control token and the bos / eos / eot / padding id. A Hugging Face tokenizer is written the
+  same way when it is byte-level BPE with GPT-2's split. Gemma's (the official model's tokenizer.json, no
+  tokenizer.model needed) is written as llama.cpp's "llama" (SentencePiece) tokenizer, `sentencepiece_vocabulary`;
+  any other kind is refused, naming llama.cpp's converter on our Hugging Face export as the path.
+- The chat template goes in too (the tokenizer's own, else data/chat.py's in jinja), and the end of a turn as the
+  eot id, so llama.cpp and Ollama chat as sample.py --chat does.
 - The file is written to a temporary name and renamed when complete.
 """
 
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.chat import chat_template
 from data.errors import UserError
 
 from .hf_export import gpt2_vocab_and_merges
@@ -84,20 +90,34 @@ def gguf_tensor_names(model: torch.nn.Module) -> dict[str, str]:
     return names
 
 
-def tokenizer_vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """(tokens by id, token types, merges as "a b") of a byte-level BPE tokenizer; GGUFExportError otherwise."""
+@dataclass
+class GGUFVocabulary:
+    """A tokenizer as GGUF stores it: llama.cpp's tokenizer model ("gpt2": byte-level BPE with merges; "llama":
+    SentencePiece-style pieces ranked by score, Gemma's), the tokens by id with their types, and scores or merges."""
+
+    model: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
+
+
+def tokenizer_vocabulary(tokenizer) -> GGUFVocabulary:
+    """The GGUF form of GPT-2's tokenizer, of a byte-level BPE tokenizer.json, or of Gemma's (a BPE over
+    `▁`-spelled text with byte fallback); GGUFExportError for any other."""
     import gguf
 
     if tokenizer.kind == "gpt2":
-        vocab, merges = gpt2_vocab_and_merges(tokenizer.encoding)
-        special = {tokenizer.eos_id}
+        vocab, merges, special = *gpt2_vocab_and_merges(tokenizer.encoding), {tokenizer.eos_id}
     else:
         spec = json.loads(tokenizer.json_text)
         model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        if model.get("type") == "BPE" and model.get("byte_fallback") and _spells_spaces_as_metaspace(spec):
+            return sentencepiece_vocabulary(spec)
         if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
             raise GGUFExportError(
-                f"the tokenizer ({tokenizer}) is not byte-level BPE with GPT-2's split, the one kind this exporter "
-                f"writes; {LLAMA_CPP_CONVERTER}"
+                f"the tokenizer ({tokenizer}) is neither byte-level BPE with GPT-2's split nor Gemma's kind, the "
+                f"two this exporter writes; {LLAMA_CPP_CONVERTER}"
             )
         vocab = dict(model["vocab"]) | {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
@@ -107,7 +127,44 @@ def tokenizer_vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     unused, control = gguf.TokenType.UNUSED, gguf.TokenType.CONTROL
     types = [control if i in special else gguf.TokenType.NORMAL if i in by_id else unused for i in range(size)]
-    return tokens, [int(t) for t in types], [f"{a} {b}" for a, b in merges]
+    return GGUFVocabulary("gpt2", tokens, [int(t) for t in types], merges=[f"{a} {b}" for a, b in merges])
+
+
+def _spells_spaces_as_metaspace(spec: dict) -> bool:
+    """Whether the tokenizer turns spaces into `▁` before its BPE: Gemma's Replace normalizer, or a Metaspace."""
+    steps = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    steps = [part for step in steps for part in step.get("normalizers", step.get("pretokenizers", [step]))]
+    replaces = any(s.get("type") == "Replace" and s.get("pattern", {}).get("String") == " " for s in steps)
+    return replaces or any(s.get("type") == "Metaspace" for s in steps)
+
+
+def sentencepiece_vocabulary(spec: dict) -> GGUFVocabulary:
+    """Gemma's tokenizer.json as llama.cpp's "llama" tokenizer reads it: every id in order; control tokens (the
+    special ones and `<unused*>`) and user-defined ones (other added tokens, `▁` written as the space it matches)
+    scored -1000; byte pieces `<0xNN>` typed as bytes, scored 0; the other pieces scored by their id, decreasing,
+    because Gemma's merge ranks follow its id order, and llama.cpp merges the pair of highest score first."""
+    import gguf
+
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: piece for piece, i in spec["model"]["vocab"].items()}
+    size = max([*by_id, *added]) + 1
+    tokens, types, scores = [], [], []
+    for i in range(size):
+        if i in added:
+            content = added[i]["content"]
+            control = added[i].get("special") or re.fullmatch(r"<unused\d+>", content)
+            kind = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
+            text, score = content if control else content.replace("▁", " "), -1000.0
+        elif i not in by_id:
+            kind, text, score = gguf.TokenType.UNUSED, f"[PAD{i}]", -1000.0
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", by_id[i]):
+            kind, text, score = gguf.TokenType.BYTE, by_id[i], 0.0
+        else:
+            kind, text, score = gguf.TokenType.NORMAL, by_id[i], -float(i)
+        tokens.append(text)
+        types.append(int(kind))
+        scores.append(score)
+    return GGUFVocabulary("llama", tokens, types, scores=scores)
 
 
 def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str = "f32", name: str = "") -> Path:
@@ -118,11 +175,17 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     problems = llama_cpp_problems(config)
     if problems:
         raise GGUFExportError(f"llama.cpp cannot run this model as gemma3: {'; '.join(problems)}")
-    tokens, token_types, merges = tokenizer_vocabulary(tokenizer)
-    if len(tokens) > config.vocab_size:
+    vocabulary = tokenizer_vocabulary(tokenizer)
+    tokens, token_types, scores = vocabulary.tokens, vocabulary.types, vocabulary.scores
+    # Ids past the embedding that ordinary text never yields (Gemma's image token) are left out.
+    beyond = [i for i in range(config.vocab_size, len(tokens)) if token_types[i] != int(gguf.TokenType.CONTROL)]
+    if beyond:
         raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens, more than the model's {config.vocab_size}")
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), config.vocab_size)]  # rows of the embedding no text reaches
-    token_types += [int(gguf.TokenType.UNUSED)] * (config.vocab_size - len(token_types))
+    del tokens[config.vocab_size :], token_types[config.vocab_size :], scores[config.vocab_size :]
+    padding = config.vocab_size - len(tokens)  # rows of the embedding no text reaches
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), config.vocab_size)]
+    token_types += [int(gguf.TokenType.UNUSED)] * padding
+    scores += [-1000.0] * padding if scores else []
 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, "gemma3")
@@ -147,18 +210,26 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     writer.add_rope_freq_base_swa(config.rope_local_base)  # read by newer llama.cpp; older ones fix it at 10000
     writer.add_sliding_window(config.sliding_window)
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    template = chat_template(tokenizer)
+    writer.add_tokenizer_model(vocabulary.model)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
+    if vocabulary.model == "gpt2":
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_merges(vocabulary.merges)
+    else:
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(False)  # llama.cpp's default for this model is True; Gemma's is not
+        writer.add_unk_token_id(tokenizer.special_id("<unk>"))
     bos = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
     writer.add_bos_token_id(bos)
     writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_eot_token_id(tokenizer.eos_id)
-    writer.add_pad_token_id(tokenizer.eos_id)
+    writer.add_eot_token_id(template.turn_end)  # where a chat turn ends: <end_of_turn>, or GPT-2's end of text
+    pad = tokenizer.special_id("<pad>")
+    writer.add_pad_token_id(tokenizer.eos_id if pad is None else pad)
     writer.add_add_bos_token(tokenizer.bos_id is not None)  # prompts start as the model's documents did
     writer.add_add_eos_token(False)
+    writer.add_chat_template(original_chat_template(tokenizer) or template.jinja)
 
     params = dict(model.named_parameters())
     for ours, theirs in gguf_tensor_names(model).items():
@@ -172,6 +243,14 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, dtype: str 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def original_chat_template(tokenizer) -> str | None:
+    """The chat template in the tokenizer_config.json a Hugging Face tokenizer came with, if any."""
+    try:
+        return json.loads(tokenizer.config_text).get("chat_template") if tokenizer.config_text else None
+    except (AttributeError, ValueError):
+        return None
 
 
 def add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str, is_norm: bool) -> None:

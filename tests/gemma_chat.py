@@ -16,6 +16,7 @@ from data.sources import pydocs
 CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[@BOS@]", *(f"<unused{i}>" for i in range(99))]
 TURNS = ["<start_of_turn>", "<end_of_turn>"]  # ids 105 and 106, as in Gemma 3
 BYTES = [f"<0x{b:02X}>" for b in range(256)]
+USER_DEFINED = [("<h1>", False), ("▁▁▁▁", True)]  # (content, normalized)
 
 # The chat template of google/gemma-3-270m's tokenizer_config.json (the same in every Gemma 3), as published.
 GEMMA3_CHAT_TEMPLATE = (
@@ -49,17 +50,22 @@ def gemma_tokenizer_json(texts: list[str], merges: int = 400) -> str:
     learned = json.loads(learner.to_str())["model"]
     pieces = sorted(learned["vocab"], key=learned["vocab"].get)  # the alphabet, then each merge's piece in order
     vocab = {piece: i for i, piece in enumerate([*CONTROL, *TURNS, *BYTES, *pieces])}
+    flags = {"single_word": False, "lstrip": False, "rstrip": False}
     special = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
-        | {"special": True}
-        for i, t in enumerate([*CONTROL, *TURNS])
+        {"id": i, "content": t, **flags, "normalized": False, "special": True} for i, t in enumerate([*CONTROL, *TURNS])
+    ]
+    # Added tokens that are not control tokens (user-defined in SentencePiece terms): one matched in the raw text,
+    # one spelled with `▁` and matched after spaces become `▁`.
+    user_defined = [
+        {"id": len(vocab) + i, "content": t, **flags, "normalized": normalized, "special": False}
+        for i, (t, normalized) in enumerate(USER_DEFINED)
     ]
     return json.dumps(
         {
             "version": "1.0",
             "truncation": None,
             "padding": None,
-            "added_tokens": special,
+            "added_tokens": special + user_defined,
             "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
             "pre_tokenizer": None,
             "post_processor": {

@@ -1,6 +1,7 @@
 """GGUF export for llama.cpp's gemma3: read back with the `gguf` package's reader (hyperparameters, tensor names,
 shapes, types and values), the file's tokenizer against tiktoken's ids, and every refusal through the real command."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -193,7 +194,10 @@ def word_level_directory(path: Path, model) -> Path:
             lambda tmp, m: {"model_config": gemma_like_config(rope_local_base=5000.0)},
             "rope_local_base is 5000; llama.cpp fixes sliding layers' at 10000",
         ),
-        (lambda tmp, m: {"hf_dir": word_level_directory(tmp / "hf", m)}, "is not byte-level BPE with GPT-2's split"),
+        (
+            lambda tmp, m: {"hf_dir": word_level_directory(tmp / "hf", m)},
+            "is neither byte-level BPE with GPT-2's split nor Gemma's kind",
+        ),
         (lambda tmp, m: {"ckpt": tmp / "missing.pt"}, "checkpoint not found"),
         (lambda tmp, m: {"ckpt": tmp / "run", "out": tmp / "nowhere" / "m.gguf"}, "must be a file in an existing"),
     ],
@@ -263,3 +267,123 @@ def test_a_full_disk_leaves_the_old_file(tmp_path, model):
         assert [p.name for p in disk.iterdir()] == ["m.gguf"] and (disk / "m.gguf").read_text() == "the old export"
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# --- Gemma's own tokenizer ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf(tmp_path_factory) -> tuple[Path, Path, Gemma3Model]:
+    """A Gemma-layout tokenizer (tests/gemma_chat.py) with a random model that llama.cpp's gemma3 graph runs, written
+    as GGUF: (the file, the tokenizer's directory, the model)."""
+    from gemma_chat import gemma_chat_directory
+
+    directory = gemma_chat_directory(tmp_path_factory.mktemp("gemma") / "tokenizer")
+    tokenizer = load_tokenizer(directory)
+    model = random_model(gemma_like_config(vocab_size=tokenizer.vocab_size, tie_embeddings=True))
+    return export_gguf(model, tokenizer, directory.parent / "gemma.gguf", "f32"), directory, model
+
+
+def test_gemma_tokenizer_is_written_as_llama_cpps_sentencepiece_vocabulary(gemma_gguf):
+    from gemma_chat import BYTES, CONTROL, TURNS, USER_DEFINED
+
+    path, directory, _ = gemma_gguf
+    meta = fields(gguf.GGUFReader(path))
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    assert meta["tokenizer.ggml.model"] == "llama"
+    tokens, types, scores = (
+        meta["tokenizer.ggml.tokens"],
+        meta["tokenizer.ggml.token_type"],
+        meta["tokenizer.ggml.scores"],
+    )
+    assert len(tokens) == len(types) == len(scores) == len(vocab) + len(USER_DEFINED)
+    assert tokens[: len(vocab)] == sorted(vocab, key=vocab.get)  # every piece, in id order
+    control, byte, normal, user = (int(t) for t in (gguf.TokenType.CONTROL, gguf.TokenType.BYTE,
+                                                    gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED))  # fmt: skip
+    first_byte, first_normal = len(CONTROL) + len(TURNS), len(CONTROL) + len(TURNS) + len(BYTES)
+    assert types[:first_byte] == [control] * first_byte and set(scores[:first_byte]) == {-1000.0}
+    assert tokens[first_byte:first_normal] == BYTES and set(types[first_byte:first_normal]) == {byte}
+    assert set(scores[first_byte:first_normal]) == {0.0}
+    normal_scores = scores[first_normal : len(vocab)]
+    assert set(types[first_normal : len(vocab)]) == {normal}
+    assert all(a > b for a, b in itertools.pairwise(normal_scores)), "scores must fall with the id"
+    assert tokens[len(vocab) :] == ["<h1>", "    "] and types[len(vocab) :] == [user, user]  # `▁` as a space
+    assert (tokens[105], tokens[106]) == ("<start_of_turn>", "<end_of_turn>")
+    ids = {k: meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown", "padding", "eot")}
+    assert ids == {"bos": 2, "eos": 1, "unknown": 3, "padding": 0, "eot": 106}
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_space_prefix"] is False
+    assert meta["tokenizer.chat_template"].startswith("{{ bos_token }}")
+
+
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README, Exports)")
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer_does(gemma_gguf):
+    """llama.cpp itself (llama-cpp-python), reading the file's vocabulary, against the tokenizer.json it came from,
+    on a few hundred texts: prose and code, several scripts, emoji, runs of spaces and newlines, tags, special-token
+    text."""
+    llama = llama_cpp().Llama(model_path=str(gemma_gguf[0]), vocab_only=True, verbose=False)
+    tokenizer = load_tokenizer(gemma_gguf[1])
+    texts = varied_strings() + [
+        "<h1>Title</h1>\n\n\n",
+        "a    b     c      d",
+        "  leading spaces",
+        "tab\tand\r\nCRLF",
+        "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم",
+        "literal <eos> <start_of_turn> <unused3> stay text",
+        "😀😃😄 🙂 🚀🌍",
+        " ",
+        "\n",
+    ]
+    assert len(texts) >= 300
+    for text in texts:
+        assert llama.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_decoding_equals_ours(gemma_gguf):
+    from architecture.generate import generate_stream
+
+    path, directory, model = gemma_gguf
+    llama = llama_cpp().Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    tokenizer = load_tokenizer(directory)
+    prompt = tokenizer.prompt_ids("def main():\n    print('hello')")
+    ours = [t.item() for t in generate_stream(model, torch.tensor([prompt]), 20, temperature=0)]
+    llama.eval(prompt)
+    theirs = []
+    for _ in range(20):
+        theirs.append(int(np.argmax(llama.scores[llama.n_tokens - 1])))
+        llama.eval(theirs[-1:])
+    assert theirs == ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocabulary", ["gemma", "gpt2"])
+def test_llama_cpp_renders_a_chat_with_the_files_template_as_we_do(gemma_gguf, model, tmp_path, vocabulary):
+    """llama-cpp-python's chat formatter, given the template and special tokens the file carries, and llama.cpp's
+    tokenizer (control tokens parsed) give the ids that sample.py --chat feeds the model."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from data.chat import chat_template
+
+    if vocabulary == "gemma":
+        path, tokenizer = gemma_gguf[0], load_tokenizer(gemma_gguf[1])
+    else:
+        path, tokenizer = export_gguf(model, gpt2(), tmp_path / "gpt2.gguf", "f32"), gpt2()
+    llama = llama_cpp().Llama(model_path=str(path), vocab_only=True, verbose=False)
+    meta = fields(gguf.GGUFReader(path))
+    tokens = meta["tokenizer.ggml.tokens"]
+    bos, eos = (tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos"))
+    formatter = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
+    messages = [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A mutable sequence."},
+        {"role": "user", "content": "And a tuple?"},
+    ]
+    prompt = formatter(messages=messages).prompt
+    expected = chat_template(tokenizer).render(messages, add_generation_prompt=True)[0]
+    assert llama.tokenize(prompt.encode(), add_bos=False, special=True) == expected
