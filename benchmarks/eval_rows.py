@@ -5,8 +5,9 @@
 A run's logged val loss is measured on the rows it trained on (the trainer evaluates on its own kind), so runs on
 different kinds are not compared by their logs. This evaluates each checkpoint (or Hugging Face directory) with the
 trainer's `evaluate` on each kind in turn: the same seeded batches for every model, so the figures compare across
-runs. A `bos` or `doc` row spends its first target on a document's first token seen after the start token alone,
-a `random` row on a token seen after one of its own; the mean over a block hides neither.
+runs (a chat dataset has one kind, `conversation`, where the loss is the masked one training uses). A `bos` or `doc`
+row spends its first target on a document's first token seen after the start token alone, a `random` row on a token
+seen after one of its own; the mean over a block hides neither.
 """
 
 import contextlib
@@ -14,7 +15,7 @@ import contextlib
 import torch
 
 from data.cli import ArgumentParser
-from data.meta import BATCH_ROWS
+from data.meta import BATCH_ROWS, read_meta
 from data.prepare import DATA_ROOT
 from training.checkpoint import load_model
 from training.trainer import evaluate
@@ -31,9 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| model | rows | train loss | val loss | val bpb |\n| --- | --- | --- | --- | --- |")
+    chat = "chat" in read_meta(DATA_ROOT / args.dataset)  # conversations are read one to a row, text any other way
     for path in args.models:
         model, tokenizer = load_model(path)
-        for rows in BATCH_ROWS:
+        for rows in [rows for rows in BATCH_ROWS if (rows == "conversation") == chat]:
             loader_args = dict(
                 data_dir=DATA_ROOT / args.dataset,
                 batch_size=args.batch_size,

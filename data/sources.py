@@ -338,6 +338,8 @@ def pychat_answers() -> list[tuple[str, str, str]]:
                 signature = str(inspect.signature(obj))
             except (TypeError, ValueError):  # some C functions have none
                 signature = ""
+            if " at 0x" in signature:  # a default shown with its memory address: another text in every process
+                signature = ""
             found.append((f"{module_name}.{name}", signature, summary))
     return found
 

@@ -386,6 +386,11 @@ def test_a_tiny_model_fitted_to_chat_data_answers_and_stops_on_its_own(tmp_path)
         assert result.stdout.strip() == rows[0][1]["content"]
         generated = int(result.stderr.strip().splitlines()[-1].split()[0])
         assert generated < 100
+        cut = run(
+            "sample.py", "--ckpt", str(tmp_path / "run"), "--messages", str(tmp_path / "question.json"),
+            "--temperature", "0", "--max-new-tokens", "2", "--device", "cpu",
+        )  # fmt: skip
+        assert cut.returncode == 0 and "the reply reached --max-new-tokens (2); its turn ends there" in cut.stderr
         transcript = run(
             "sample.py", "--ckpt", str(tmp_path / "run"), "--chat", "--temperature", "0", "--device", "cpu",
             stdin=f"{rows[1][0]['content']}\n/exit\n",
@@ -477,3 +482,30 @@ def test_the_hf_export_renders_our_ids_and_generate_stops_where_we_do(gemma_fine
     with torch.no_grad():
         cut = hf_model.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=greedy[4])[0, len(ids) :]
     assert cut.tolist() == greedy[: greedy.index(greedy[4]) + 1]
+
+
+def test_the_shipped_chat_data_is_the_same_in_every_process():
+    """pychat is made from the running Python's docstrings and signatures; a signature that shows an object's memory
+    address would make another dataset in every process."""
+    script = "import json, torch; from data.sources import pychat_answers; print(json.dumps(pychat_answers()))"
+    result = run("-c", script)
+    assert result.returncode == 0, result.stderr
+    from data.sources import pychat_answers
+
+    assert json.loads(result.stdout) == [list(answer) for answer in pychat_answers()]
+    assert len(pychat_answers()) > 250
+
+
+def test_a_history_that_outgrows_the_context_drops_its_oldest_exchanges_first():
+    import sample
+
+    template = chat_template(gpt2())
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": r, "content": f"{r} turn {i} " * 5} for i in range(4) for r in ("user", "assistant")][:-1]
+    everything, _ = template.render([system, *turns], add_generation_prompt=True)
+    ids, dropped = sample.fit_history(template, [system, *turns], len(everything))
+    assert (ids, dropped) == (everything, 0)
+    ids, dropped = sample.fit_history(template, [system, *turns], len(everything) - 1)
+    assert dropped == 1 and ids == template.render([system, *turns[2:]], add_generation_prompt=True)[0]
+    ids, dropped = sample.fit_history(template, [system, *turns], 10)  # only the last question is left
+    assert dropped == 3 and ids == template.render([system, turns[-1]], add_generation_prompt=True)[0]
