@@ -35,7 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training.metrics import read_metrics  # noqa: E402  (after the path: the benchmark runs from anywhere)
+from training.config import load_training_config  # noqa: E402  (after the path: the benchmark runs from anywhere)
+from training.metrics import read_metrics  # noqa: E402
+from training.trainer import RECIPE  # noqa: E402
 
 RECIPES = {  # name: train.py settings on top of config/demo.json
     "adamw-cosine": {"optimizer": "adamw", "lr_schedule": "cosine"},
@@ -61,11 +63,11 @@ def run(spec: str, settings: dict, seed: int, args: argparse.Namespace) -> Path:
     """Train one recipe and seed (unless a finished run is already there); return its out_dir."""
     model = f"{args.model_config.stem}_" if args.model_config else ""  # the demo's model keeps the plain names
     out_dir = args.work / f"{model}{spec.replace(':', '_').replace('=', '-')}_seed{seed}"
-    if finished(out_dir, args.max_iters):
-        return out_dir
     flags = {**settings, "seed": seed, "eval_iters": args.eval_iters, "eval_interval": args.eval_interval,
              "log_interval": 1, "max_iters": args.max_iters, "threads": args.threads, "out_dir": out_dir,
              "overwrite": "true", **({"model_config": args.model_config} if args.model_config else {})}  # fmt: skip
+    if finished(out_dir, args.max_iters, flags):
+        return out_dir
     command = [sys.executable, "train.py", "--config", "config/demo.json", *(f"--{k}={v}" for k, v in flags.items())]
     print(f"running {shlex.join(command[1:])}", flush=True)
     log = args.work / f"{out_dir.name}.log"
@@ -75,9 +77,24 @@ def run(spec: str, settings: dict, seed: int, args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def finished(out_dir: Path, max_iters: int) -> bool:
+def finished(out_dir: Path, max_iters: int, flags: dict) -> bool:
+    """Whether out_dir holds a finished run of exactly this recipe: a run kept from before config/demo.json changed
+    (its learning rate, say) would otherwise be reported as the recipe it no longer is."""
     path = out_dir / "metrics.jsonl"
-    return path.is_file() and any(r["kind"] == "eval" and r["iter"] == max_iters for r in read_metrics(path))
+    if not path.is_file():
+        return False
+    rows = read_metrics(path)
+    recorded = next((r["training"] for r in rows if r["kind"] == "config"), {})
+    expected = load_training_config(REPO / "config" / "demo.json", [f"--{k}={v}" for k, v in flags.items()]).to_dict()
+    changed = [
+        f"{k} {recorded.get(k)} -> {expected[k]}" for k in (*RECIPE, "max_iters") if recorded.get(k) != expected[k]
+    ]
+    if changed:
+        raise SystemExit(
+            f"error: {out_dir} was trained with other settings than {out_dir.name} means now ({', '.join(changed)}): "
+            "rename it after what it ran, or remove it"
+        )
+    return any(r["kind"] == "eval" and r["iter"] == max_iters for r in rows)
 
 
 def curves(out_dir: Path) -> tuple[list[dict], list[float]]:
