@@ -2,9 +2,11 @@
 
     python data/prepare.py [SOURCE] [--name NAME] [--tokenizer PATH] [--num-proc N] [--val-fraction F] [--force]
 
-SOURCE: a built-in corpus named in data/sources.py's KNOWN (tinystories, the default; pydocs; pystdlib), a Hugging
-Face dataset id, or local .txt/.jsonl files, globs or folders. --tokenizer: gpt2 (default), a tokenizer.json, or a
-Hugging Face model directory holding one (e.g. the official Gemma 3 270M's, to fine-tune it). Also usable as a
+SOURCE: a built-in corpus named in data/sources.py's KNOWN (tinystories, the default; pydocs; pystdlib; pychat), a
+Hugging Face dataset id, or local .txt/.jsonl/.json files, globs or folders. --tokenizer: gpt2 (default), a
+tokenizer.json, or a Hugging Face model directory holding one (e.g. the official Gemma 3 270M's, to fine-tune it).
+Chat files (conversations, data/chat.py) are rendered with the tokenizer's chat template, and each split gets a
+loss mask (<split>.mask.bin) and the conversations' starts (<split>.starts.bin) beside its tokens. Also usable as a
 library: `prepare(...)`, `ensure_prepared(...)`.
 
 Design choices:
