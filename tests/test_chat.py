@@ -273,8 +273,9 @@ def test_the_targets_are_the_masked_next_tokens_one_conversation_a_row(tmp_path)
 
 
 def test_conversation_rows_and_text_datasets_do_not_mix(tmp_path):
+    text = prepare("pydocs", data_root=tmp_path, progress=False)
     with pytest.raises(DataError, match="holds text, not conversations"):
-        BatchLoader(DATA_ROOT / "pydocs", "train", 2, 32, rows="conversation")
+        BatchLoader(text, "train", 2, 32, rows="conversation")
     chat = hand_made_dataset(tmp_path / "d", [1, 2, 3], [0, 1, 1], [0])
     with pytest.raises(DataError, match="holds conversations .*--batch_rows=conversation"):
         BatchLoader(chat, "train", 2, 2, rows="random")
