@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # imported where they are used, once the arguments are checke
 
     from architecture import Gemma3Model
     from architecture.generate import DecodeStep
+    from data.chat import ChatTemplate
 
 STREAM_CONTEXT = 8  # prompt tokens decoded with the new ones, so their first word decodes in context
 # Past context_length each new token costs a forward over the whole window (the cache cannot slide), so a request
@@ -352,7 +353,7 @@ def chat(
             break
 
 
-def fit_history(template, messages: list[dict], budget: int) -> tuple[list[int], int]:
+def fit_history(template: "ChatTemplate", messages: list[dict], budget: int) -> tuple[list[int], int]:
     """The prompt ids of `messages` plus the generation prompt, dropping the oldest user/assistant exchanges (a
     system message stays) until they fit `budget` tokens or only the last user turn is left; and how many went."""
     system = messages[:1] if messages[0]["role"] == "system" else []
