@@ -109,8 +109,8 @@ def _checked(messages: object, where: str, last: str = "assistant") -> list[dict
                 f"message {i + 1 + len(out) - len(turns)} is {message['role']}, expected {expected}{first}"
             )
     if not turns or turns[-1]["role"] != last:
-        why = "so it has nothing to learn" if last == "assistant" else "the turn the model is to answer"
-        raise DataError(f"{where}: the conversation does not end with a {last} turn ({why})")
+        what = "an assistant reply, so it has nothing to learn" if last == "assistant" else "a user turn to answer"
+        raise DataError(f"{where}: the conversation does not end with {what}")
     return out
 
 

@@ -281,7 +281,10 @@ def _build(
             f.close()
         for split in SPLITS:
             if counts[f"{split}_tokens"] == 0:
-                raise DataError(f"the {split} split got no documents; check the source or --val-fraction")
+                skipped = (
+                    f" ({len(src.skipped)} bad rows were skipped; the first: {src.skipped[0]})" if src.skipped else ""
+                )
+                raise DataError(f"the {split} split got no documents{skipped}; check the source or --val-fraction")
             if src.chat and supervised[split] == 0:
                 raise DataError(f"the {split} split has no target tokens (no assistant replies); check the source")
         for (split, kind), path in tmp.items():

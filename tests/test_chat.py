@@ -183,7 +183,7 @@ def test_every_row_format_reads_as_the_same_messages():
     [
         ([{"role": "assistant", "content": "hi"}], "message 1 is assistant, expected user"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 2 is user, expected assistant"),
-        ([{"role": "user", "content": "a"}], "does not end with a assistant turn"),
+        ([{"role": "user", "content": "a"}], "does not end with an assistant reply, so it has nothing to learn"),
         (
             [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
             "a system message may only come first",
