@@ -141,7 +141,10 @@ def local_files(pattern: str, text_field: str = "text", skip_bad_rows: bool = Fa
     unsupported = [str(p) for p in files if p.suffix not in LOCAL_SUFFIXES]
     if unsupported:
         raise DataError(f"unsupported file type (want .txt, .jsonl or .json): {unsupported[0]}")
-    first = next(_rows(files[0]), (None, ""))[0]
+    try:
+        first = next(_rows(files[0]), (None, ""))[0]
+    except OSError:  # unreadable: reading the documents meets it again, where prepare says what it kept
+        first = None
     is_chat = chat.is_chat_row(first)
     if is_chat and any(p.suffix == ".txt" for p in files):
         raise DataError(f"{files[0]} holds conversations, so every file must: .txt files are plain text")

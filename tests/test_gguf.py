@@ -365,6 +365,7 @@ def test_llama_cpp_greedy_decoding_equals_ours(gemma_gguf):
 def test_llama_cpp_renders_a_chat_with_the_files_template_as_we_do(gemma_gguf, model, tmp_path, vocabulary):
     """llama-cpp-python's chat formatter, given the template and special tokens the file carries, and llama.cpp's
     tokenizer (control tokens parsed) give the ids that sample.py --chat feeds the model."""
+    llama_cpp()  # skipped without llama-cpp-python, before importing from it
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from data.chat import chat_template
