@@ -317,7 +317,7 @@ def test_gemma_tokenizer_is_written_as_llama_cpps_sentencepiece_vocabulary(gemma
 
 
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README, Exports)")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README, Tests)")
 
 
 @pytest.mark.slow
