@@ -33,7 +33,7 @@ import json
 from dataclasses import dataclass
 
 from data.errors import DataError
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, document_start
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
 LOSS_ON = ("assistant", "all")
@@ -214,8 +214,7 @@ def chat_template(tokenizer: Tokenizer) -> ChatTemplate:
     turn_start, turn_end = tokenizer.special_id("<start_of_turn>"), tokenizer.special_id("<end_of_turn>")
     if turn_start is not None and turn_end is not None and tokenizer.bos_id is not None:
         return ChatTemplate("gemma", tokenizer, tokenizer.bos_id, turn_end, turn_start)
-    start = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
-    return ChatTemplate("plain", tokenizer, start, tokenizer.eos_id)
+    return ChatTemplate("plain", tokenizer, document_start(tokenizer.bos_id, tokenizer.eos_id), tokenizer.eos_id)
 
 
 # The jinja twins of the two templates. Gemma's renders text conversations exactly as the official model's template
