@@ -17,9 +17,10 @@ Design choices:
   tokenizer that drops a word's leading space when it starts a decode both print correctly.
 - Samples run one after another (each streamed); `Gemma3Model.generate` batches them for library use.
 - Defaults: `--device auto` (CUDA, then MPS, then the CPU; training/device.py); `--dtype` is the model config's
-  `dtype`, its inference dtype, except that bfloat16 runs as float32 where the device has no native bf16 (a decode
-  step reads every weight once, so half the bytes is about twice the speed where bf16 is native; emulated, it is
-  slower than float32).
+  `dtype`, its inference dtype, where bfloat16 means auto: the dtype that decodes fastest on the device
+  (`training.device.decode_dtype`). On every CPU measured that is bfloat16, native or not (a decode step reads every
+  weight once, so half the bytes win), but float32 activations for `--int8` on a CPU without native bf16, where the
+  compiled int8 kernel takes float32; bfloat16 on GPUs with native bf16; float32 elsewhere.
 - `--compile` compiles the decode step (`architecture.generate.compile_decode`) and warms it up on the prompt before the
   first sample, so the reported tokens/s is the steady rate; the compilation time is printed on its own. A failed
   compilation (no C++ compiler, a device backend gap) is a one-line note, and sampling goes on uncompiled.
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
-        help="default: the model config's dtype (bfloat16 there means auto); auto: bfloat16 where native, else float32",
+        help="default: the model config's dtype (bfloat16 there means auto); auto: the fastest to decode on the device",
     )
     parser.add_argument("--int8", action="store_true", help="int8 weights for the blocks' Linear layers and the head")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, inference)")
@@ -141,18 +142,16 @@ def check_source(args: argparse.Namespace) -> None:
         raise SampleError(f"cannot read {e.filename} ({e.strerror}); nothing was generated") from None
 
 
-def resolve_device(name: str, dtype: str) -> "tuple[torch.device, torch.dtype]":
+def resolve_device(name: str, dtype: str, int8: bool = False) -> "tuple[torch.device, torch.dtype]":
     import torch
 
-    from training.device import DeviceError, native_bf16, select_device
+    from training.device import DeviceError, decode_dtype, select_device
 
     try:
         device = select_device(name)
     except DeviceError as e:
         raise SampleError(f"--device: {e}") from None
-    if dtype == "auto":
-        dtype = "bfloat16" if native_bf16(device) else "float32"
-    return device, getattr(torch, dtype)
+    return device, decode_dtype(device, int8) if dtype == "auto" else getattr(torch, dtype)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -283,8 +282,8 @@ def load_for_sampling(args: argparse.Namespace) -> "tuple[Gemma3Model, Tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.ckpt or args.hf_dir)
-    config_dtype = "auto" if model.config.dtype == "bfloat16" else model.config.dtype  # auto: where bf16 is native
-    device, dtype = resolve_device(args.device, args.dtype or config_dtype)
+    config_dtype = "auto" if model.config.dtype == "bfloat16" else model.config.dtype  # auto: the fastest to decode
+    device, dtype = resolve_device(args.device, args.dtype or config_dtype, args.int8)
     model.eval()
     if args.int8:
         quantize_int8(model)  # from the float32 weights, before any cast

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .int8 import Int8Linear
 from .kv_cache import KVCache, TokenStep
 
 DecodeStep = Callable[[torch.nn.Module, torch.Tensor, TokenStep, KVCache], torch.Tensor]
@@ -46,17 +47,50 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, step: TokenSte
 
 def compile_decode(model: torch.nn.Module) -> DecodeStep:
     """`decode_one_token` compiled for `model` (inference only): one fused program per cache size instead of a few
-    hundred small kernels a token. With `freezing`, the weights are constants of the program, which lets inductor
-    pre-pack them once into the CPU matmul libraries' layouts (MKL's for float32, oneDNN's for bf16)."""
+    hundred small kernels a token, its wrapper in C++ (`cpp_wrapper`: no Python between the kernels). Where it pays
+    (`freezes`), the weights are constants of the program, which lets inductor pre-pack them once into the CPU
+    matmul libraries' layouts (MKL's for float32, oneDNN's for bf16). concat_linear makes q/k/v and gate/up one
+    matmul each. The two realize thresholds compute a value once where inductor would otherwise recompute it inside a
+    loop that reads it many times: the RMSNorm before a matmul row by row (realize_reads_threshold), the RoPE of the
+    query (a pow, a cos and a sin per element) once per cached key (realize_opcount_threshold: at most 16 ops
+    inline, which still inlines the 4-op int8 unpacking into its matmul). The RoPE alone cost 0.9 ms of a 270M-wide
+    layer's step on a 2-core CPU."""
     compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-    # Read when a cache size is first compiled. concat_linear: q/k/v and gate/up become one matmul each.
-    options = {"freezing": True, "cpp.enable_concat_linear": True}
+    options = {
+        "freezing": freezes(model),
+        "cpp.enable_concat_linear": True,
+        "cpp_wrapper": True,
+        "realize_reads_threshold": 1,
+        "realize_opcount_threshold": 16,
+    }
+    compiled_for = set()  # (token shape, cache shape, dtype, device) of the programs compiled so far
 
     def frozen_decode_one_token(model, token: torch.Tensor, step: TokenStep, cache: KVCache):
-        with torch._inductor.config.patch(options):
-            return compiled(model, token, step, cache)
+        key = (token.shape, cache.keys[0].shape, cache.keys[0].dtype, token.device)
+        # Once compiled for this key, skip the guards that check the model's every parameter (0.7 ms a step on a
+        # 2-core CPU); only those that tell the compiled programs apart run.
+        with (
+            torch._inductor.config.patch(options),
+            torch.compiler.set_stance(skip_guard_eval_unsafe=key in compiled_for),
+        ):
+            logits = compiled(model, token, step, cache)
+        compiled_for.add(key)
+        return logits
 
     return frozen_decode_one_token
+
+
+def freezes(model: torch.nn.Module) -> bool:
+    """Whether `compile_decode` should freeze `model`'s weights into the program. Not for int8: freezing would
+    constant-fold the dequantization into float32 copies of the weights. Not for bf16 on a CPU where oneDNN has no
+    bf16 kernels (before AVX-512): its frozen bf16 matmuls decode at half the eager speed there, unfrozen at 1.4x
+    (benchmarks/results/generate_cpu.md)."""
+    if any(isinstance(module, Int8Linear) for module in model.modules()):
+        return False
+    weight = model.tok_emb.weight
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return True
 
 
 @torch.no_grad()

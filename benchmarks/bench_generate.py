@@ -1,6 +1,7 @@
-"""Generation speed and KV-cache memory: prefill and decode tokens/s with the cache, decode without it, INT8.
+"""Generation speed and KV-cache memory: prefill and decode tokens/s with and without the cache, per weight format.
 
     python benchmarks/bench_generate.py                        # CPU: a small config, float32
+    python benchmarks/bench_generate.py --config config/model_config.json --skip-recompute   # the default 270M
     python benchmarks/bench_generate.py --device cuda          # GPU: the default 270M config, bfloat16
     python benchmarks/bench_generate.py --ckpt checkpoints/run --int8-eval data/<name>   # INT8 perplexity change
 
@@ -10,13 +11,17 @@ Design choices:
 - Decode speed is timed from the first new token on, so it excludes the prefill, which is timed on its own.
 - Cache memory is measured on the `KVCache` object itself (allocated on the meta device, so 32k tokens cost
   nothing), for the default 270M config in bfloat16, against a cache that keeps every token in every layer.
-- `--int8-eval` compares the val-set loss of a checkpoint with float and INT8 weights on the same batches.
 - A cached decode step reads every weight once, so its limit is (memory bandwidth) / (weight bytes per token).
   The benchmark measures the read bandwidth itself (the best of 5 sums over a 1 GiB tensor, larger than any
-  cache) and prints, per weight format, decode tokens/s eager and with the compiled decode step
-  (`architecture.generate.compile_decode`), and the fraction of that limit reached; the last line is
-  `int8_speedup_vs_float32=R`, compiled against compiled (each format's fastest). INT8 runs with bfloat16
-  activations where the CPU has native bf16 (the int8-weight kernel needs them), else float32.
+  cache) and prints a table, per weight format (float32, bfloat16, int8 weights with float32 or bfloat16
+  activations), of decode tokens/s eager and with the compiled decode step (`architecture.generate.compile_decode`)
+  and the fraction of the limit reached, headed by the CPU model, its bf16 flags and the thread count. It then
+  says what `--dtype auto` and `--int8` pick on this device (`training.device.decode_dtype`) against the fastest
+  format measured; the last line is `int8_speedup_vs_float32=R`, compiled against compiled, for what `--int8`
+  picks.
+- `--int8-eval` compares the val-set loss of a checkpoint per format and int8 kernel on the same batches: float32,
+  bfloat16, int8 dequantized exactly (what the compiled CPU word kernel computes), int8 with float32 activations
+  rounded to bf16 at each int8 matmul (the eager CPU kernel), and int8 in a bfloat16 model.
 """
 
 import argparse
@@ -29,9 +34,16 @@ from tqdm import tqdm
 from architecture import DEFAULT_MODEL_CONFIG, Gemma3Model, KVCache, ModelConfig
 from architecture.config import DTYPES
 from architecture.generate import DecodeStep, compile_decode, decode_one_token, generate_stream
-from architecture.int8 import linear_weight_bytes, quantize_int8
+from architecture.int8 import dequantize_int8, linear_weight_bytes, quantize_int8
 from architecture.kv_cache import kv_cache_bytes
-from training.device import DeviceError, native_bf16, select_device, synchronize
+from training.device import (
+    DeviceError,
+    cpu_bf16_flags,
+    cpu_model,
+    decode_dtype,
+    select_device,
+    synchronize,
+)
 
 # Small enough for a laptop CPU, with both layer types and a window the benchmark runs well past.
 SMALL = dict(
@@ -97,19 +109,29 @@ def weight_bytes_per_token(model: Gemma3Model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+# Weight formats: (activation dtype, int8 weights). Each runs eager and with the compiled decode step.
+FORMATS = {
+    "float32": (torch.float32, False),
+    "bfloat16": (torch.bfloat16, False),
+    "int8, float32 activations": (torch.float32, True),
+    "int8, bfloat16 activations": (torch.bfloat16, True),
+}
+
+
+def format_name(dtype: torch.dtype, int8: bool) -> str:
+    return next(name for name, spec in FORMATS.items() if spec == (dtype, int8))
+
+
 def format_report(config: ModelConfig, device: torch.device, prompt_len: int, new_tokens: int) -> None:
-    """Decode tokens/s per weight format against the memory-bandwidth limit; last line int8_speedup_vs_float32."""
+    """Decode tokens/s per weight format, eager and compiled, against the memory-bandwidth limit; what `--dtype
+    auto` and `--int8` pick here against the fastest measured; last line int8_speedup_vs_float32."""
     bandwidth = memory_bandwidth(device)
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB)")
-    int8_activations = torch.bfloat16 if native_bf16(device) else torch.float32
-    int8_name = f"int8 ({str(int8_activations).removeprefix('torch.')} activations)"
-    formats = {
-        "float32": (torch.float32, False),
-        "bfloat16": (torch.bfloat16, False),
-        int8_name: (int8_activations, True),
-    }
+    where = f"{cpu_model()} ({cpu_bf16_flags()}), {torch.get_num_threads()} threads" if device.type == "cpu" else device
+    print(f"decode per weight format: {where}, memory read bandwidth {bandwidth / 1e9:.1f} GB/s (best of 5 sums)")
+    print("| weights | MB a token | eager tok/s | compiled tok/s | bandwidth limit tok/s | reached (best) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     rates = {}
-    for name, (dtype, int8) in formats.items():
+    for name, (dtype, int8) in FORMATS.items():
         torch.manual_seed(0)
         model = Gemma3Model(config).eval()
         if int8:
@@ -117,22 +139,29 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
         model.to(device=device, dtype=dtype)
         prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
         nbytes = weight_bytes_per_token(model)
-        limit = bandwidth / nbytes
         for compiled in (False, True):
             decode = compile_decode(model) if compiled else decode_one_token
             decode_rate(model, prompt, new_tokens, True, decode)  # warm-up (and compilation) at this cache size
-            rates[name, compiled] = rate = decode_rate(model, prompt, new_tokens, True, decode)
-            print(
-                f"  {name:<28} {'compiled' if compiled else 'eager':>8} {rate:8.1f} tok/s  {nbytes / 1e6:7.1f} "
-                f"MB of weights a token  limit {limit:8.1f} tok/s  reached {rate / limit:6.1%}"
-            )
-    for compiled in (False, True):
-        label = "compiled" if compiled else "eager"
+            rates[name, compiled] = decode_rate(model, prompt, new_tokens, True, decode)
+        eager, compiled = rates[name, False], rates[name, True]
+        limit = bandwidth / nbytes
         print(
-            f"  {label}: bfloat16 / float32 {rates['bfloat16', compiled] / rates['float32', compiled]:.2f}, "
-            f"int8 / float32 {rates[int8_name, compiled] / rates['float32', compiled]:.2f}"
+            f"| {name} | {nbytes / 1e6:.1f} | {eager:.1f} | {compiled:.1f} | {limit:.1f} | "
+            f"{max(eager, compiled) / limit:.1%} |",
+            flush=True,
         )
-    print(f"int8_speedup_vs_float32={rates[int8_name, True] / rates['float32', True]:.2f}")
+    for compiled in (False, True):
+        mode = "compiled" if compiled else "eager"
+        fastest = max(FORMATS, key=lambda name: rates[name, compiled])
+        auto = format_name(decode_dtype(device), False)
+        int8 = format_name(decode_dtype(device, int8=True), True)
+        print(
+            f"  {mode}: --dtype auto picks {auto} ({rates[auto, compiled] / rates['float32', compiled]:.2f}x "
+            f"float32), --int8 picks {int8} ({rates[int8, compiled] / rates['float32', compiled]:.2f}x float32); "
+            f"fastest measured: {fastest}"
+        )
+    int8 = format_name(decode_dtype(device, int8=True), True)
+    print(f"int8_speedup_vs_float32={rates[int8, True] / rates['float32', True]:.2f}")
 
 
 def cache_memory_report(config: ModelConfig) -> None:
@@ -149,13 +178,15 @@ def cache_memory_report(config: ModelConfig) -> None:
         )
 
 
-def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+def bench_config(args: argparse.Namespace, device: torch.device) -> ModelConfig:
+    """--config, else the default 270M config on CUDA and the small one elsewhere."""
     if args.config:
-        config = ModelConfig.from_json(args.config)
-    elif device.type == "cuda":
-        config = ModelConfig.from_json(DEFAULT_MODEL_CONFIG)
-    else:
-        config = ModelConfig(**SMALL)
+        return ModelConfig.from_json(args.config)
+    return ModelConfig.from_json(DEFAULT_MODEL_CONFIG) if device.type == "cuda" else ModelConfig(**SMALL)
+
+
+def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    config = bench_config(args, device)
     torch.manual_seed(0)
     model = Gemma3Model(config).eval().to(device=device, dtype=dtype)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
@@ -187,21 +218,25 @@ def speed_report(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 
 def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
-    """Val loss and perplexity of a checkpoint per weight format (float32; bfloat16 and int8 with bfloat16
-    activations where they are native, else int8 with float32 activations), on identical batches."""
+    """Val loss and perplexity of a checkpoint per weight format and int8 kernel, on identical batches."""
     from data.loader import BatchLoader
     from training.checkpoint import load_model
 
-    formats = [("float32", torch.float32, False)]
-    if native_bf16(device):
-        formats += [("bfloat16", torch.bfloat16, False), ("int8, bfloat16 activations", torch.bfloat16, True)]
-    else:
-        formats += [("int8, float32 activations", torch.float32, True)]
+    def exact_int8(model: Gemma3Model) -> Gemma3Model:
+        return dequantize_int8(quantize_int8(model))
+
+    formats = [  # label, dtype, weight transform (from the float32 weights)
+        ("float32", torch.float32, None),
+        ("bfloat16", torch.bfloat16, None),
+        ("int8, float32 activations, exact (the compiled CPU word kernel)", torch.float32, exact_int8),
+        ("int8, float32 activations rounded to bf16 at the int8 matmul (eager CPU)", torch.float32, quantize_int8),
+        ("int8, bfloat16 activations (int8 matmul kernel)", torch.bfloat16, quantize_int8),
+    ]
     losses = {}
-    for label, dtype, int8 in formats:
+    for label, dtype, transform in formats:
         model, tokenizer = load_model(args.ckpt)
-        if int8:
-            quantize_int8(model)  # from the float32 weights
+        if transform:
+            transform(model)
         model.eval().to(device=device, dtype=dtype)
         block = min(args.block_size, model.config.context_length)
         loader = BatchLoader(args.int8_eval, "val", args.batch_size, block, device, seed=0, tokenizer=tokenizer)
@@ -217,7 +252,6 @@ def int8_eval(args: argparse.Namespace, device: torch.device) -> None:
             f"  {label}: val loss {losses[label]:.4f}, perplexity {math.exp(losses[label]):.3f} "
             f"({100 * change:+.2f}% against float32)"
         )
-    print(f"  int8 perplexity change: {100 * change:+.2f}%  ({args.eval_batches} batches of {args.batch_size}x{block})")
 
 
 def main() -> None:
@@ -252,8 +286,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     speed_report(args, device, dtype)
     cache_memory_report(ModelConfig.from_json(DEFAULT_MODEL_CONFIG))
-    config = ModelConfig.from_json(args.config) if args.config else ModelConfig(**SMALL)
-    format_report(config, device, args.prompt_len, args.new_tokens)
+    format_report(bench_config(args, device), device, args.prompt_len, args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,17 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
+def decode_dtype(device: torch.device, int8: bool = False) -> torch.dtype:
+    """The fastest activation dtype for decoding on `device`, what sample.py's `--dtype auto` picks (measured per CPU
+    class in benchmarks/results/generate_cpu.md). A decode step reads every weight once and computes little, so on
+    a CPU bf16 weights (half the bytes) decode faster than float32 ones even without native bf16, which converts
+    them in registers. With int8 weights: bf16 activations where bf16 is native (PyTorch's int8-weight matmul),
+    else float32 ones (the compiled int8 word kernel, architecture/int8.py). CUDA: bf16 where native; MPS: float32."""
+    if device.type == "cpu":
+        return torch.float32 if int8 and not cpu_has_native_bf16() else torch.bfloat16
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
     return cpuinfo_value("model name") or platform.processor() or platform.machine()
