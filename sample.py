@@ -286,7 +286,10 @@ def load_for_sampling(args: argparse.Namespace) -> "tuple[Gemma3Model, Tokenizer
     device, dtype = resolve_device(args.device, args.dtype or config_dtype, args.int8)
     model.eval()
     if args.int8:
-        quantize_int8(model)  # from the float32 weights, before any cast
+        try:
+            quantize_int8(model)  # from the float32 weights, before any cast
+        except ValueError as e:  # a width the int8 layout cannot split
+            raise SampleError(f"--int8: {e}") from None
     model.to(device=device, dtype=dtype)
     return model, tokenizer, dtype
 

@@ -20,7 +20,8 @@ Design choices:
   - CPU otherwise: PyTorch's int8-weight matmul (`aten._weight_int8pack_mm`), which never materialises a
     dequantized weight. It takes bfloat16 activations, so float32 ones are rounded to bfloat16 for it (the
     perplexity change this costs is measured by bench_generate.py --int8-eval). Dequantizing instead
-    (`linear(x, q.float())`) is 5-30x slower there: aten converts int8 to float element by element on AVX2.
+    (`linear(x, q.float())`) makes a decode step's matmul 10-30x slower on AVX2, where aten converts int8 to float
+    element by element.
   - CUDA and MPS: `linear(x, q.to(x.dtype)) * scale`, as gpt-fast does; compiled, it fuses into the matmul.
   The scale multiplies the output, not the weight: one multiply per output instead of one per weight.
 """
