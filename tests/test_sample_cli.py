@@ -152,6 +152,12 @@ def test_a_failed_compilation_falls_back_to_the_uncompiled_step(run_dir, capsys)
     assert "Traceback" not in failed.err
 
 
+def test_int8_refuses_a_width_its_layout_cannot_split_in_one_line(tmp_path, capsys):
+    save_checkpoint(trained_state(gpt2_config(emb_dim=30, hidden_dim=62)), tmp_path / "best.pt")
+    args = ["--device", "cpu", "--ckpt", str(tmp_path), "--prompt", "a", "--max-new-tokens", "2", "--int8"]
+    expect_error(capsys, "--int8: Int8Linear needs in_features divisible by 4, got 30", *args)
+
+
 def test_auto_dtype_is_the_fastest_to_decode_on_each_cpu_class(monkeypatch):
     """bfloat16 on every CPU (a decode step reads bytes), but float32 activations for int8 weights where bf16 is not
     native: there the compiled int8 kernel takes float32 (benchmarks/results/generate_cpu.md)."""
