@@ -47,7 +47,8 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, step: TokenSte
 
 def compile_decode(model: torch.nn.Module) -> DecodeStep:
     """`decode_one_token` compiled for `model` (inference only): one fused program per cache size instead of a few
-    hundred small kernels a token, its wrapper in C++ (`cpp_wrapper`: no Python between the kernels). Where it pays
+    hundred small kernels a token; on the CPU its wrapper is C++ (`cpp_wrapper`: no Python between the kernels,
+    which makes the first compilation of a size two to three times as long: 61 s for the demo model). Where it pays
     (`freezes`), the weights are constants of the program, which lets inductor pre-pack them once into the CPU
     matmul libraries' layouts (MKL's for float32, oneDNN's for bf16). concat_linear makes q/k/v and gate/up one
     matmul each. The two realize thresholds compute a value once where inductor would otherwise recompute it inside a
@@ -56,13 +57,9 @@ def compile_decode(model: torch.nn.Module) -> DecodeStep:
     inline, which still inlines the 4-op int8 unpacking into its matmul). The RoPE alone cost 0.9 ms of a 270M-wide
     layer's step on a 2-core CPU."""
     compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-    options = {
-        "freezing": freezes(model),
-        "cpp.enable_concat_linear": True,
-        "cpp_wrapper": True,
-        "realize_reads_threshold": 1,
-        "realize_opcount_threshold": 16,
-    }
+    options = {"freezing": freezes(model), "cpp.enable_concat_linear": True}
+    if model.tok_emb.weight.device.type == "cpu":  # measured on CPUs only; GPUs keep inductor's defaults
+        options |= {"cpp_wrapper": True, "realize_reads_threshold": 1, "realize_opcount_threshold": 16}
     compiled_for = set()  # (token shape, cache shape, dtype, device) of the programs compiled so far
 
     def frozen_decode_one_token(model, token: torch.Tensor, step: TokenStep, cache: KVCache):
