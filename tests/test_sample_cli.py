@@ -233,14 +233,20 @@ def test_option_errors(run_dir, capsys, extra, match):
 
 
 def test_dtype_defaults_to_the_model_configs(run_dir, capsys, monkeypatch, tmp_path):
-    """Without --dtype, the checkpoint's model config names the dtype; its bfloat16 runs only where native."""
+    """Without --dtype, the checkpoint's model config names the dtype; its bfloat16 means auto, the fastest to
+    decode on this CPU class."""
     save_checkpoint(trained_state(gpt2_config(dtype="float16")), tmp_path / "best.pt")
     args = ["--max-new-tokens", "3"]
     assert "threads, float16)" in run_main(capsys, "--ckpt", str(tmp_path), *args).err
     assert "threads, float32)" in run_main(capsys, "--ckpt", str(tmp_path), *args, "--dtype", "float32").err
-    for flags, expected in [({"avx512f"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16")]:
+    for flags, int8, expected in [
+        ({"avx2"}, [], "bfloat16"),
+        ({"avx2"}, ["--int8"], "float32 + int8 weights"),
+        ({"avx512f", "avx512_bf16"}, ["--int8"], "bfloat16 + int8 weights"),
+    ]:
         monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: flags)
-        assert f"threads, {expected})" in run_main(capsys, "--ckpt", str(run_dir), *args).err  # its config: bfloat16
+        err = run_main(capsys, "--ckpt", str(run_dir), *args, *int8).err  # its config: bfloat16
+        assert f"threads, {expected})" in err
 
 
 def word_tokenizer(words: list[str]) -> Tokenizer:
