@@ -150,17 +150,16 @@ def format_report(config: ModelConfig, device: torch.device, prompt_len: int, ne
             f"{max(eager, compiled) / limit:.1%} |",
             flush=True,
         )
+    auto = format_name(decode_dtype(device), False)
+    int8 = format_name(decode_dtype(device, int8=True), True)
     for compiled in (False, True):
         mode = "compiled" if compiled else "eager"
         fastest = max(FORMATS, key=lambda name: rates[name, compiled])
-        auto = format_name(decode_dtype(device), False)
-        int8 = format_name(decode_dtype(device, int8=True), True)
         print(
             f"  {mode}: --dtype auto picks {auto} ({rates[auto, compiled] / rates['float32', compiled]:.2f}x "
             f"float32), --int8 picks {int8} ({rates[int8, compiled] / rates['float32', compiled]:.2f}x float32); "
             f"fastest measured: {fastest}"
         )
-    int8 = format_name(decode_dtype(device, int8=True), True)
     print(f"int8_speedup_vs_float32={rates[int8, True] / rates['float32', True]:.2f}")
 
 
